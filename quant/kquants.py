@@ -1,0 +1,475 @@
+"""K-quants: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (super-blocks of QK_K = 256 weights).
+
+Block layouts, byte by byte as in ggml ``ggml-common.h`` (all scalars little-endian; ``f16`` is
+IEEE half precision)::
+
+    block_q2_K: scales (16) + qs (64) + d (f16, 2) + dmin (f16, 2)              =  84 bytes / 256
+        scales[i]: low nibble = scale, high nibble = min of sub-block i (16 weights each)
+        qs: 2-bit quants, 4 per byte; weight = d * scale * q - dmin * min
+    block_q3_K: hmask (32) + qs (64) + scales (12) + d (f16, 2)                 = 110 bytes / 256
+        16 signed 6-bit scales (16 weights each), stored minus 32: low 4 bits in bytes 0..7
+        (two nibbles each), high 2 bits in bytes 8..11 (four pairs each)
+        q = 2 low bits from qs - (0 if the hmask bit is set else 4);  weight = d * scale * q
+    block_q4_K: d (f16, 2) + dmin (f16, 2) + scales (12) + qs (128)             = 144 bytes / 256
+        8 sub-blocks of 32 with 6-bit scale and 6-bit min packed in 12 bytes (get_scale_min_k4)
+        qs: 4-bit quants, 64 weights per 32 bytes (low nibbles first, then high nibbles)
+        weight = d * scale * q - dmin * min
+    block_q5_K: d (f16, 2) + dmin (f16, 2) + scales (12) + qh (32) + qs (128)   = 176 bytes / 256
+        as Q4_K, plus a fifth bit per weight from qh (bit 2j for the low-nibble half of 64-group j,
+        bit 2j+1 for the high-nibble half)
+    block_q6_K: ql (128) + qh (64) + scales (16, int8) + d (f16, 2)             = 210 bytes / 256
+        16 signed 8-bit scales (16 weights each); q = (4 bits of ql | 2 bits of qh << 4) - 32;
+        weight = d * scale * q
+
+Index arithmetic of the 2/3/6-bit formats (per 128-weight half ``n``, 32-weight group ``j`` in it,
+lane ``l`` in 0..31): output ``128n + 32j + l`` reads byte ``32n + l`` of qs shifted by ``2j``, with
+the 16-weight scale index ``8n + 2j + l // 16`` (Q6_K: see :func:`dequantize_q6_k`).
+
+Per format ``f`` this module provides (the quant framework registers them via :data:`FORMATS`,
+one :class:`quant.base.QuantFormat` per type; fp16 scales are read with :func:`quant.base.load_f16`):
+
+* ``dequantize_f(blocks)`` — numpy reference, ``uint8 [n_blocks, type_size] -> float32
+  [n_blocks, 256]``, bit-exact with ``gguf.quants.dequantize`` and ggml's ``dequantize_row_*``.
+* ``_dequant_row_f(row, out)`` — compiled row dequantizer (same float operations as the reference,
+  so bit-exact; used for embedding lookups and tests, never for whole weight matrices).
+* ``_dot_f(row, x)`` — compiled dot of one quantized row with float32 activations, block by
+  block without materialising the row (float reductions may be reassociated by LLVM).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from cpuinfer.errors import CpuinferError
+from cpuinfer.gguf import GGMLType
+from .base import QuantFormat, f16_scales, load_f16
+from .jit import fast_kernel, kernel
+
+QK_K = 256
+K_SCALE_SIZE = 12  # packed 6-bit scales and mins of Q4_K / Q5_K
+
+Q2_K_TYPE_SIZE = QK_K // 16 + QK_K // 4 + 2 + 2              # 84
+Q3_K_TYPE_SIZE = QK_K // 8 + QK_K // 4 + 12 + 2               # 110
+Q4_K_TYPE_SIZE = 2 + 2 + K_SCALE_SIZE + QK_K // 2             # 144
+Q5_K_TYPE_SIZE = 2 + 2 + K_SCALE_SIZE + QK_K // 8 + QK_K // 2  # 176
+Q6_K_TYPE_SIZE = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2       # 210
+
+
+# --------------------------------------------------------------------------------------------
+# numpy references (readable, vectorised over blocks only)
+# --------------------------------------------------------------------------------------------
+
+def _check_blocks(blocks: np.ndarray, type_size: int, name: str) -> np.ndarray:
+    blocks = np.asarray(blocks)
+    if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] != type_size:
+        raise CpuinferError(f"{name} blocks: expected uint8 [n_blocks, {type_size}], "
+                            f"got {blocks.dtype} {list(blocks.shape)}")
+    return blocks
+
+
+def _scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unpack Q4_K/Q5_K 12-byte scales into (scale, min), each uint8 [n_blocks, 8] (6 bits each).
+
+    Sub-blocks 0..3: scale = byte j & 63, min = byte j+4 & 63.  Sub-blocks 4..7: the low 4 bits
+    come from byte j+4 (scale: low nibble, min: high nibble), the top 2 bits from the top of
+    byte j-4 (scale) and byte j (min).  (ggml's ``get_scale_min_k4``.)
+    """
+    sc = np.empty((scales.shape[0], 8), np.uint8)
+    mn = np.empty((scales.shape[0], 8), np.uint8)
+    for j in range(4):
+        sc[:, j] = scales[:, j] & 63
+        mn[:, j] = scales[:, j + 4] & 63
+    for j in range(4, 8):
+        sc[:, j] = (scales[:, j + 4] & 0xF) | ((scales[:, j - 4] >> 6) << 4)
+        mn[:, j] = (scales[:, j + 4] >> 4) | ((scales[:, j] >> 6) << 4)
+    return sc, mn
+
+
+def dequantize_q2_k(blocks: np.ndarray) -> np.ndarray:
+    """Reference Q2_K dequantization: uint8 [n, 84] -> float32 [n, 256]."""
+    blocks = _check_blocks(blocks, Q2_K_TYPE_SIZE, "Q2_K")
+    scales, qs = blocks[:, 0:16], blocks[:, 16:80]
+    d, dmin = f16_scales(blocks, 80), f16_scales(blocks, 82)
+    out = np.empty((blocks.shape[0], QK_K), np.float32)
+    for n in range(2):
+        for j in range(4):
+            for h in range(2):
+                s = scales[:, 8 * n + 2 * j + h: 8 * n + 2 * j + h + 1]
+                dl = d * (s & 0xF).astype(np.float32)
+                ml = dmin * (s >> 4).astype(np.float32)
+                q = (qs[:, 32 * n + 16 * h: 32 * n + 16 * h + 16] >> (2 * j)) & 3
+                o = 128 * n + 32 * j + 16 * h
+                out[:, o:o + 16] = dl * q.astype(np.float32) - ml
+    return out
+
+
+def _q3_k_scales(scales: np.ndarray) -> np.ndarray:
+    """Unpack Q3_K's 12 bytes into 16 signed scales (int8 [n, 16], already minus 32)."""
+    out = np.empty((scales.shape[0], 16), np.int8)
+    for j in range(16):
+        low = scales[:, j] & 0xF if j < 8 else scales[:, j - 8] >> 4
+        high = (scales[:, 8 + j % 4] >> (2 * (j // 4))) & 3
+        out[:, j] = (low | (high << 4)).astype(np.int8) - np.int8(32)
+    return out
+
+
+def dequantize_q3_k(blocks: np.ndarray) -> np.ndarray:
+    """Reference Q3_K dequantization: uint8 [n, 110] -> float32 [n, 256]."""
+    blocks = _check_blocks(blocks, Q3_K_TYPE_SIZE, "Q3_K")
+    hmask, qs = blocks[:, 0:32], blocks[:, 32:96]
+    scales = _q3_k_scales(blocks[:, 96:108])
+    d = f16_scales(blocks, 108)
+    out = np.empty((blocks.shape[0], QK_K), np.float32)
+    for n in range(2):
+        for j in range(4):
+            hbit = 4 * n + j  # hmask bit of this 32-weight group
+            for h in range(2):
+                dl = d * scales[:, 8 * n + 2 * j + h: 8 * n + 2 * j + h + 1].astype(np.float32)
+                lo = (qs[:, 32 * n + 16 * h: 32 * n + 16 * h + 16] >> (2 * j)) & 3
+                hm = (hmask[:, 16 * h: 16 * h + 16] >> hbit) & 1
+                q = lo.astype(np.int8) - np.where(hm == 1, 0, 4).astype(np.int8)
+                o = 128 * n + 32 * j + 16 * h
+                out[:, o:o + 16] = dl * q.astype(np.float32)
+    return out
+
+
+def dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:
+    """Reference Q4_K dequantization: uint8 [n, 144] -> float32 [n, 256]."""
+    blocks = _check_blocks(blocks, Q4_K_TYPE_SIZE, "Q4_K")
+    d, dmin = f16_scales(blocks, 0), f16_scales(blocks, 2)
+    sc, mn = _scale_min_k4(blocks[:, 4:16])
+    qs = blocks[:, 16:144]
+    out = np.empty((blocks.shape[0], QK_K), np.float32)
+    for g in range(4):  # 64-weight group: 32 bytes, low nibbles then high nibbles
+        q = qs[:, 32 * g: 32 * g + 32]
+        for h, nib in enumerate((q & 0xF, q >> 4)):
+            s = 2 * g + h
+            d1 = d * sc[:, s:s + 1].astype(np.float32)
+            m1 = dmin * mn[:, s:s + 1].astype(np.float32)
+            out[:, 32 * s: 32 * s + 32] = d1 * nib.astype(np.float32) - m1
+    return out
+
+
+def dequantize_q5_k(blocks: np.ndarray) -> np.ndarray:
+    """Reference Q5_K dequantization: uint8 [n, 176] -> float32 [n, 256]."""
+    blocks = _check_blocks(blocks, Q5_K_TYPE_SIZE, "Q5_K")
+    d, dmin = f16_scales(blocks, 0), f16_scales(blocks, 2)
+    sc, mn = _scale_min_k4(blocks[:, 4:16])
+    qh, qs = blocks[:, 16:48], blocks[:, 48:176]
+    out = np.empty((blocks.shape[0], QK_K), np.float32)
+    for g in range(4):
+        q = qs[:, 32 * g: 32 * g + 32]
+        for h, nib in enumerate((q & 0xF, q >> 4)):
+            s = 2 * g + h
+            q5 = nib | (((qh >> s) & 1) << 4)
+            d1 = d * sc[:, s:s + 1].astype(np.float32)
+            m1 = dmin * mn[:, s:s + 1].astype(np.float32)
+            out[:, 32 * s: 32 * s + 32] = d1 * q5.astype(np.float32) - m1
+    return out
+
+
+def dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
+    """Reference Q6_K dequantization: uint8 [n, 210] -> float32 [n, 256].
+
+    Per 128-weight half ``n``, group ``k`` in 0..3, lane ``l`` in 0..31: output ``128n + 32k + l``
+    takes nibble ``k // 2`` of ql byte ``64n + 32(k % 2) + l``, bits ``2k..2k+1`` of qh byte
+    ``32n + l``, and scale ``8n + 2k + l // 16``.
+    """
+    blocks = _check_blocks(blocks, Q6_K_TYPE_SIZE, "Q6_K")
+    ql, qh = blocks[:, 0:128], blocks[:, 128:192]
+    scales = blocks[:, 192:208].view(np.int8)
+    d = f16_scales(blocks, 208)
+    out = np.empty((blocks.shape[0], QK_K), np.float32)
+    for n in range(2):
+        for k in range(4):
+            lo = ql[:, 64 * n + 32 * (k % 2): 64 * n + 32 * (k % 2) + 32] >> (4 * (k // 2)) & 0xF
+            hi = (qh[:, 32 * n: 32 * n + 32] >> (2 * k)) & 3
+            q = (lo | (hi << 4)).astype(np.int8) - np.int8(32)
+            for h in range(2):
+                s = 8 * n + 2 * k + h
+                dl = d * scales[:, s:s + 1].astype(np.float32)
+                o = 128 * n + 32 * k + 16 * h
+                out[:, o:o + 16] = dl * q[:, 16 * h: 16 * h + 16].astype(np.float32)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# compiled helpers
+# --------------------------------------------------------------------------------------------
+
+@kernel
+def _scale_min_at(row, so, j):
+    """6-bit (scale, min) of sub-block ``j`` from the 12 scale bytes at ``row[so:]`` (Q4_K/Q5_K)."""
+    if j < 4:
+        return np.uint32(row[so + j] & 63), np.uint32(row[so + j + 4] & 63)
+    sc = (row[so + j + 4] & 0xF) | ((row[so + j - 4] >> 6) << 4)
+    mn = (row[so + j + 4] >> 4) | ((row[so + j] >> 6) << 4)
+    return np.uint32(sc), np.uint32(mn)
+
+
+@kernel
+def _q3_scale_at(row, so, j):
+    """Signed scale (already minus 32) of 16-weight sub-block ``j`` from Q3_K bytes at ``row[so:]``."""
+    if j < 8:
+        low = np.int32(row[so + j] & 0xF)
+    else:
+        low = np.int32(row[so + j - 8] >> 4)
+    high = np.int32((row[so + 8 + (j & 3)] >> (2 * (j >> 2))) & 3)
+    return (low | (high << 4)) - 32
+
+
+@kernel
+def _i8_at(row, o):
+    """The byte ``row[o]`` read as int8."""
+    v = np.int32(row[o])
+    return v - 256 if v >= 128 else v
+
+
+# --------------------------------------------------------------------------------------------
+# compiled row dequantizers (same float operations as the references: bit-exact)
+# --------------------------------------------------------------------------------------------
+
+@kernel
+def _dequant_row_q2_k(row, out):
+    for b in range(out.size // QK_K):
+        o, y = b * Q2_K_TYPE_SIZE, b * QK_K
+        d = load_f16(row, o + 80)
+        dmin = load_f16(row, o + 82)
+        for n in range(2):
+            for j in range(4):
+                shift = 2 * j
+                for h in range(2):
+                    s = row[o + 8 * n + 2 * j + h]
+                    dl = d * np.float32(s & 0xF)
+                    ml = dmin * np.float32(s >> 4)
+                    qo = o + 16 + 32 * n + 16 * h
+                    yo = y + 128 * n + 32 * j + 16 * h
+                    for l in range(16):
+                        out[yo + l] = dl * np.float32((row[qo + l] >> shift) & 3) - ml
+
+
+@kernel
+def _dequant_row_q3_k(row, out):
+    for b in range(out.size // QK_K):
+        o, y = b * Q3_K_TYPE_SIZE, b * QK_K
+        d = load_f16(row, o + 108)
+        for n in range(2):
+            for j in range(4):
+                shift = 2 * j
+                hbit = 4 * n + j
+                for h in range(2):
+                    dl = d * np.float32(_q3_scale_at(row, o + 96, 8 * n + 2 * j + h))
+                    qo = o + 32 + 32 * n + 16 * h
+                    ho = o + 16 * h
+                    yo = y + 128 * n + 32 * j + 16 * h
+                    for l in range(16):
+                        q = np.int32((row[qo + l] >> shift) & 3)
+                        if not (row[ho + l] >> hbit) & 1:
+                            q -= 4
+                        out[yo + l] = dl * np.float32(q)
+
+
+@kernel
+def _dequant_row_q4_k(row, out):
+    for b in range(out.size // QK_K):
+        o, y = b * Q4_K_TYPE_SIZE, b * QK_K
+        d = load_f16(row, o)
+        dmin = load_f16(row, o + 2)
+        for g in range(4):
+            sc1, m1 = _scale_min_at(row, o + 4, 2 * g)
+            sc2, m2 = _scale_min_at(row, o + 4, 2 * g + 1)
+            d1, dm1 = d * np.float32(sc1), dmin * np.float32(m1)
+            d2, dm2 = d * np.float32(sc2), dmin * np.float32(m2)
+            qo = o + 16 + 32 * g
+            yo = y + 64 * g
+            for l in range(32):
+                q = row[qo + l]
+                out[yo + l] = d1 * np.float32(q & 0xF) - dm1
+                out[yo + 32 + l] = d2 * np.float32(q >> 4) - dm2
+
+
+@kernel
+def _dequant_row_q5_k(row, out):
+    for b in range(out.size // QK_K):
+        o, y = b * Q5_K_TYPE_SIZE, b * QK_K
+        d = load_f16(row, o)
+        dmin = load_f16(row, o + 2)
+        for g in range(4):
+            sc1, m1 = _scale_min_at(row, o + 4, 2 * g)
+            sc2, m2 = _scale_min_at(row, o + 4, 2 * g + 1)
+            d1, dm1 = d * np.float32(sc1), dmin * np.float32(m1)
+            d2, dm2 = d * np.float32(sc2), dmin * np.float32(m2)
+            qo = o + 48 + 32 * g
+            yo = y + 64 * g
+            for l in range(32):
+                q = row[qo + l]
+                hb = row[o + 16 + l] >> (2 * g)
+                out[yo + l] = d1 * np.float32((q & 0xF) | ((hb & 1) << 4)) - dm1
+                out[yo + 32 + l] = d2 * np.float32((q >> 4) | ((hb & 2) << 3)) - dm2
+
+
+@kernel
+def _dequant_row_q6_k(row, out):
+    for b in range(out.size // QK_K):
+        o, y = b * Q6_K_TYPE_SIZE, b * QK_K
+        d = load_f16(row, o + 208)
+        for n in range(2):
+            for k in range(4):
+                lo_o = o + 64 * n + 32 * (k & 1)
+                lo_shift = 4 * (k >> 1)
+                hi_o = o + 128 + 32 * n
+                for h in range(2):
+                    dl = d * np.float32(_i8_at(row, o + 192 + 8 * n + 2 * k + h))
+                    yo = y + 128 * n + 32 * k + 16 * h
+                    for l in range(16 * h, 16 * h + 16):
+                        q = np.int32(((row[lo_o + l] >> lo_shift) & 0xF)
+                                     | (((row[hi_o + l] >> (2 * k)) & 3) << 4)) - 32
+                        out[yo + l - 16 * h] = dl * np.float32(q)
+
+
+# --------------------------------------------------------------------------------------------
+# compiled dot products: one quantized row . float32 x, block by block
+# --------------------------------------------------------------------------------------------
+
+@fast_kernel
+def _dot_q2_k(row, x):
+    acc = np.float32(0.0)
+    for b in range(x.size // QK_K):
+        o, y = b * Q2_K_TYPE_SIZE, b * QK_K
+        d = load_f16(row, o + 80)
+        dmin = load_f16(row, o + 82)
+        for n in range(2):
+            for j in range(4):
+                shift = 2 * j
+                for h in range(2):
+                    s = row[o + 8 * n + 2 * j + h]
+                    qo = o + 16 + 32 * n + 16 * h
+                    yo = y + 128 * n + 32 * j + 16 * h
+                    sq = np.float32(0.0)
+                    sx = np.float32(0.0)
+                    for l in range(16):
+                        xv = x[yo + l]
+                        sq += np.float32((row[qo + l] >> shift) & 3) * xv
+                        sx += xv
+                    acc += d * np.float32(s & 0xF) * sq - dmin * np.float32(s >> 4) * sx
+    return acc
+
+
+@fast_kernel
+def _dot_q3_k(row, x):
+    acc = np.float32(0.0)
+    for b in range(x.size // QK_K):
+        o, y = b * Q3_K_TYPE_SIZE, b * QK_K
+        d = load_f16(row, o + 108)
+        for n in range(2):
+            for j in range(4):
+                shift = 2 * j
+                hbit = 4 * n + j
+                for h in range(2):
+                    qo = o + 32 + 32 * n + 16 * h
+                    ho = o + 16 * h
+                    yo = y + 128 * n + 32 * j + 16 * h
+                    sq = np.float32(0.0)
+                    for l in range(16):
+                        q = np.int32((row[qo + l] >> shift) & 3) - 4 + 4 * np.int32((row[ho + l] >> hbit) & 1)
+                        sq += np.float32(q) * x[yo + l]
+                    acc += d * np.float32(_q3_scale_at(row, o + 96, 8 * n + 2 * j + h)) * sq
+    return acc
+
+
+@fast_kernel
+def _dot_q4_k(row, x):
+    acc = np.float32(0.0)
+    for b in range(x.size // QK_K):
+        o, y = b * Q4_K_TYPE_SIZE, b * QK_K
+        d = load_f16(row, o)
+        dmin = load_f16(row, o + 2)
+        for g in range(4):
+            sc1, m1 = _scale_min_at(row, o + 4, 2 * g)
+            sc2, m2 = _scale_min_at(row, o + 4, 2 * g + 1)
+            qo = o + 16 + 32 * g
+            yo = y + 64 * g
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            sx1 = np.float32(0.0)
+            sx2 = np.float32(0.0)
+            for l in range(32):
+                q = row[qo + l]
+                x1 = x[yo + l]
+                x2 = x[yo + 32 + l]
+                s1 += np.float32(q & 0xF) * x1
+                s2 += np.float32(q >> 4) * x2
+                sx1 += x1
+                sx2 += x2
+            acc += d * (np.float32(sc1) * s1 + np.float32(sc2) * s2) \
+                - dmin * (np.float32(m1) * sx1 + np.float32(m2) * sx2)
+    return acc
+
+
+@fast_kernel
+def _dot_q5_k(row, x):
+    acc = np.float32(0.0)
+    for b in range(x.size // QK_K):
+        o, y = b * Q5_K_TYPE_SIZE, b * QK_K
+        d = load_f16(row, o)
+        dmin = load_f16(row, o + 2)
+        for g in range(4):
+            sc1, m1 = _scale_min_at(row, o + 4, 2 * g)
+            sc2, m2 = _scale_min_at(row, o + 4, 2 * g + 1)
+            qo = o + 48 + 32 * g
+            yo = y + 64 * g
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            sx1 = np.float32(0.0)
+            sx2 = np.float32(0.0)
+            for l in range(32):
+                q = row[qo + l]
+                hb = row[o + 16 + l] >> (2 * g)
+                x1 = x[yo + l]
+                x2 = x[yo + 32 + l]
+                s1 += np.float32((q & 0xF) | ((hb & 1) << 4)) * x1
+                s2 += np.float32((q >> 4) | ((hb & 2) << 3)) * x2
+                sx1 += x1
+                sx2 += x2
+            acc += d * (np.float32(sc1) * s1 + np.float32(sc2) * s2) \
+                - dmin * (np.float32(m1) * sx1 + np.float32(m2) * sx2)
+    return acc
+
+
+@fast_kernel
+def _dot_q6_k(row, x):
+    acc = np.float32(0.0)
+    for b in range(x.size // QK_K):
+        o, y = b * Q6_K_TYPE_SIZE, b * QK_K
+        d = load_f16(row, o + 208)
+        for n in range(2):
+            for k in range(4):
+                lo_o = o + 64 * n + 32 * (k & 1)
+                lo_shift = 4 * (k >> 1)
+                hi_o = o + 128 + 32 * n
+                yo = y + 128 * n + 32 * k
+                for h in range(2):
+                    sq = np.float32(0.0)
+                    for l in range(16 * h, 16 * h + 16):
+                        q = np.int32(((row[lo_o + l] >> lo_shift) & 0xF)
+                                     | (((row[hi_o + l] >> (2 * k)) & 3) << 4)) - 32
+                        sq += np.float32(q) * x[yo + l]
+                    acc += d * np.float32(_i8_at(row, o + 192 + 8 * n + 2 * k + h)) * sq
+    return acc
+
+
+# --------------------------------------------------------------------------------------------
+# registry data
+# --------------------------------------------------------------------------------------------
+
+def _format(qtype: GGMLType, type_size: int, ref, row, dot) -> QuantFormat:
+    return QuantFormat(qtype, qtype.name, QK_K, type_size, ref, row, dot)
+
+
+FORMATS: dict[GGMLType, QuantFormat] = {
+    GGMLType.Q2_K: _format(GGMLType.Q2_K, Q2_K_TYPE_SIZE, dequantize_q2_k, _dequant_row_q2_k, _dot_q2_k),
+    GGMLType.Q3_K: _format(GGMLType.Q3_K, Q3_K_TYPE_SIZE, dequantize_q3_k, _dequant_row_q3_k, _dot_q3_k),
+    GGMLType.Q4_K: _format(GGMLType.Q4_K, Q4_K_TYPE_SIZE, dequantize_q4_k, _dequant_row_q4_k, _dot_q4_k),
+    GGMLType.Q5_K: _format(GGMLType.Q5_K, Q5_K_TYPE_SIZE, dequantize_q5_k, _dequant_row_q5_k, _dot_q5_k),
+    GGMLType.Q6_K: _format(GGMLType.Q6_K, Q6_K_TYPE_SIZE, dequantize_q6_k, _dequant_row_q6_k, _dot_q6_k),
+}
+KQUANT_FORMATS = FORMATS  # the name the quant registry imports

@@ -1,0 +1,233 @@
+"""The llama family: ``llama`` (Llama 2/3, SmolLM2, R1-Distill-Llama) and ``qwen2``
+(Qwen2/2.5, R1-Distill-Qwen): pre-norm decoder, GQA attention with RoPE, SwiGLU FFN.
+qwen2 differs only by q/k/v biases (present in the file) and NEOX RoPE (in the arch table).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import ops
+from ..arch import ArchInfo, Key, RopeType, Tn, tensor_name
+from ..errors import CpuinferError
+from ..gguf import GGUFFile
+from ..weights import QTensor, TensorLoader
+
+
+def _meta(g: GGUFFile, arch: str, key: Key, default=None, kind=int):
+    full = key.of(arch)
+    v = g.get(full, default)
+    if v is None:
+        raise CpuinferError(f"{g.path}: metadata key {full} is missing")
+    try:
+        v = kind(v)
+    except (TypeError, ValueError):
+        raise CpuinferError(f"{g.path}: metadata key {full} = {v!r}, expected {kind.__name__}") from None
+    return v
+
+
+@dataclass(frozen=True)
+class Config:
+    arch: str
+    rope_type: RopeType
+    n_vocab: int
+    d_model: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    rms_eps: float
+    rope_dims: int
+    rope_base: float
+    rope_freq_scale: float
+    n_ctx_train: int
+
+    @classmethod
+    def from_gguf(cls, g: GGUFFile, info: ArchInfo) -> "Config":
+        a = info.name
+        d = _meta(g, a, Key.EMBEDDING_LENGTH)
+        n_head = _meta(g, a, Key.HEAD_COUNT)
+        n_head_kv = _meta(g, a, Key.HEAD_COUNT_KV, n_head)
+        if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv:
+            raise CpuinferError(f"{g.path}: {Key.HEAD_COUNT.of(a)} = {n_head} is not a multiple of "
+                                f"{Key.HEAD_COUNT_KV.of(a)} = {n_head_kv}")
+        head_dim = _meta(g, a, Key.KEY_LENGTH, d // n_head)
+        n_vocab = g.tensor(tensor_name(Tn.TOKEN_EMBD)).shape[0]
+        scale_type = g.get(Key.ROPE_SCALING_TYPE.of(a), "none")
+        factor = float(g.get(Key.ROPE_SCALING_FACTOR.of(a), g.get(Key.ROPE_SCALE_LINEAR.of(a), 1.0)) or 1.0)
+        if scale_type not in ("none", "linear") and factor != 1.0:
+            raise CpuinferError(f"{g.path}: {Key.ROPE_SCALING_TYPE.of(a)} = {scale_type!r} is not supported "
+                                f"for {a} (expected none or linear)")
+        cfg = cls(
+            arch=a, rope_type=info.rope_type, n_vocab=n_vocab, d_model=d,
+            n_layer=_meta(g, a, Key.BLOCK_COUNT), n_head=n_head, n_head_kv=n_head_kv,
+            head_dim=head_dim, n_ff=_meta(g, a, Key.FEED_FORWARD_LENGTH),
+            rms_eps=_meta(g, a, Key.RMS_EPS, kind=float),
+            rope_dims=_meta(g, a, Key.ROPE_DIMENSION_COUNT, head_dim),
+            rope_base=_meta(g, a, Key.ROPE_FREQ_BASE, 10000.0, kind=float),
+            rope_freq_scale=1.0 / factor,
+            n_ctx_train=_meta(g, a, Key.CONTEXT_LENGTH, 2048),
+        )
+        if cfg.rope_dims > head_dim or cfg.rope_dims % 2:
+            raise CpuinferError(f"{g.path}: {Key.ROPE_DIMENSION_COUNT.of(a)} = {cfg.rope_dims}, expected an "
+                                f"even number ≤ head size {head_dim}")
+        return cfg
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """float32 K and V for every layer: 2 × layers × kv_heads × head_dim × 4 bytes."""
+        return 2 * self.n_layer * self.n_head_kv * self.head_dim * 4
+
+
+@dataclass(frozen=True)
+class Layer:
+    attn_norm: np.ndarray            # [d]
+    wq: QTensor                      # [n_head·hd, d]
+    wk: QTensor                      # [n_kv·hd, d]
+    wv: QTensor                      # [n_kv·hd, d]
+    bq: np.ndarray | None            # qwen2 biases
+    bk: np.ndarray | None
+    bv: np.ndarray | None
+    wo: QTensor                      # [d, n_head·hd]
+    ffn_norm: np.ndarray             # [d]
+    w_gate: QTensor                  # [ff, d]
+    w_up: QTensor                    # [ff, d]
+    w_down: QTensor                  # [d, ff]
+
+
+@dataclass(frozen=True)
+class Weights:
+    token_embd: QTensor              # [vocab, d]
+    layers: tuple[Layer, ...]
+    output_norm: np.ndarray          # [d]
+    output: QTensor                  # [vocab, d] (token_embd when tied)
+    rope_freq_factors: np.ndarray | None
+
+    @classmethod
+    def from_gguf(cls, t: TensorLoader, c: Config) -> "Weights":
+        d, q_dim, kv_dim = c.d_model, c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+        layers = []
+        for i in range(c.n_layer):
+            def name(tn, suffix="weight"):
+                return tensor_name(tn, i, suffix)
+            layers.append(Layer(
+                attn_norm=t.vector(name(Tn.ATTN_NORM), d),
+                wq=t.matrix(name(Tn.ATTN_Q), q_dim, d),
+                wk=t.matrix(name(Tn.ATTN_K), kv_dim, d),
+                wv=t.matrix(name(Tn.ATTN_V), kv_dim, d),
+                bq=t.optional_vector(name(Tn.ATTN_Q, "bias"), q_dim),
+                bk=t.optional_vector(name(Tn.ATTN_K, "bias"), kv_dim),
+                bv=t.optional_vector(name(Tn.ATTN_V, "bias"), kv_dim),
+                wo=t.matrix(name(Tn.ATTN_OUT), d, q_dim),
+                ffn_norm=t.vector(name(Tn.FFN_NORM), d),
+                w_gate=t.matrix(name(Tn.FFN_GATE), c.n_ff, d),
+                w_up=t.matrix(name(Tn.FFN_UP), c.n_ff, d),
+                w_down=t.matrix(name(Tn.FFN_DOWN), d, c.n_ff),
+            ))
+        embd = t.matrix(tensor_name(Tn.TOKEN_EMBD), c.n_vocab, d)
+        out_name = tensor_name(Tn.OUTPUT)
+        output = t.matrix(out_name, c.n_vocab, d) if t.has(out_name) else embd
+        return cls(token_embd=embd, layers=tuple(layers),
+                   output_norm=t.vector(tensor_name(Tn.OUTPUT_NORM), d), output=output,
+                   rope_freq_factors=t.optional_vector(tensor_name(Tn.ROPE_FREQS), c.rope_dims // 2))
+
+    def streamed_bytes(self) -> int:
+        """Weight bytes read per decoded token: every matrix once, the output head, one embedding row."""
+        mats = [m for L in self.layers for m in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
+        return sum(m.nbytes for m in mats) + self.output.nbytes + self.token_embd.raw.shape[-1]
+
+
+class State:
+    """Activation buffers for up to ``n_batch`` tokens, allocated once (llama2.c's RunState)."""
+
+    def __init__(self, c: Config, n_batch: int):
+        q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+        f32 = np.float32
+        self.n_batch = n_batch
+        self.tokens = np.zeros(n_batch, np.int64)
+        self.x = np.zeros((n_batch, c.d_model), f32)       # residual stream
+        self.xb = np.zeros((n_batch, c.d_model), f32)      # normed input of a sub-block
+        self.xo = np.zeros((n_batch, c.d_model), f32)      # sub-block output
+        self.q = np.zeros((n_batch, q_dim), f32)
+        self.k = np.zeros((n_batch, kv_dim), f32)
+        self.v = np.zeros((n_batch, kv_dim), f32)
+        self.att = np.zeros((n_batch, q_dim), f32)
+        self.gate = np.zeros((n_batch, c.n_ff), f32)
+        self.up = np.zeros((n_batch, c.n_ff), f32)
+        self.hidden = np.zeros((n_batch, c.n_ff), f32)
+        self.logits = np.zeros((1, c.n_vocab), f32)         # last token's logits
+
+
+class KVCache:
+    """K and V of every layer for ``n_ctx`` positions, float32, allocated once per context."""
+
+    def __init__(self, c: Config, n_ctx: int):
+        shape = (c.n_layer, n_ctx, c.n_head_kv, c.head_dim)
+        self.n_ctx = n_ctx
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+
+
+def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: int,
+            logits_out: np.ndarray) -> None:
+    """Run tokens ``s.tokens[:n]`` at positions p0..p0+n-1; write the logits of the last
+    ``len(logits_out)`` of them into ``logits_out`` [m, vocab]."""
+    cos, sin = rope_cs
+    hd, nh, nkv = c.head_dim, c.n_head, c.n_head_kv
+    x, xb, xo = s.x[:n], s.xb[:n], s.xo[:n]
+    q, k, v, att = s.q[:n], s.k[:n], s.v[:n], s.att[:n]
+    gate, up, hidden = s.gate[:n], s.up[:n], s.hidden[:n]
+    scale = 1.0 / np.sqrt(hd)
+
+    w.token_embd.get_rows(s.tokens[:n], x)                            # x: [n, d]
+    for li, L in enumerate(w.layers):
+        # attention: xb = norm(x); q, k, v = xb·Wqᵀ, xb·Wkᵀ, xb·Wvᵀ (+ biases)
+        ops.rmsnorm(x, L.attn_norm, c.rms_eps, xb)                    # [n, d]
+        L.wq.matmul(xb, q)                                            # [n, nh·hd]
+        L.wk.matmul(xb, k)                                            # [n, nkv·hd]
+        L.wv.matmul(xb, v)                                            # [n, nkv·hd]
+        for b, y in ((L.bq, q), (L.bk, k), (L.bv, v)):
+            if b is not None:
+                ops.add_rows(y, b)
+        q3, k3 = q.reshape(n, nh, hd), k.reshape(n, nkv, hd)
+        ops.rope(q3, cos, sin, p0, c.rope_type)                       # rotate q, k at p0..p0+n-1
+        ops.rope(k3, cos, sin, p0, c.rope_type)
+        kv.k[li, p0:p0 + n] = k3                                      # cache: [ctx, nkv, hd]
+        kv.v[li, p0:p0 + n] = v.reshape(n, nkv, hd)
+        ops.attention(q3, kv.k[li], kv.v[li], p0, scale, att.reshape(n, nh, hd))  # [n, nh, hd]
+        L.wo.matmul(att, xo)                                          # [n, d]
+        x += xo
+        # feed-forward: x += W_down · (silu(xb·W_gateᵀ) ⊙ xb·W_upᵀ), xb = norm(x)
+        ops.rmsnorm(x, L.ffn_norm, c.rms_eps, xb)
+        L.w_gate.matmul(xb, gate)                                     # [n, ff]
+        L.w_up.matmul(xb, up)                                         # [n, ff]
+        ops.swiglu(gate, up, hidden)
+        L.w_down.matmul(hidden, xo)                                   # [n, d]
+        x += xo
+    m = logits_out.shape[0]
+    xl = xb[n - m:]
+    ops.rmsnorm(x[n - m:], w.output_norm, c.rms_eps, xl)              # [m, d]
+    w.output.matmul(xl, logits_out)                                   # [m, vocab]
+
+
+class Family:
+    """What the runtime needs from an architecture family, bound to one loaded file."""
+
+    def __init__(self, g: GGUFFile, info: ArchInfo, loader: TensorLoader):
+        self.config = Config.from_gguf(g, info)
+        self.weights = Weights.from_gguf(loader, self.config)
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        return KVCache(self.config, n_ctx)
+
+    def new_state(self, n_batch: int) -> State:
+        return State(self.config, n_batch)
+
+    def rope_tables(self, n_ctx: int):
+        c = self.config
+        return ops.rope_table(n_ctx, c.rope_dims, c.rope_base, c.rope_freq_scale, self.weights.rope_freq_factors)
+
+    def forward(self, state, cache, rope_cs, n, p0, logits_out):
+        forward(self.config, self.weights, state, cache, rope_cs, n, p0, logits_out)

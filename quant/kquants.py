@@ -218,6 +218,13 @@ def _q3_scale_at(row, so, j):
 
 
 @kernel
+def _u8f(v):
+    """The low byte of an integer as float32: keeps numba's 64-bit integer typing out of the
+    vectorized loops (the conversion becomes byte zero-extension + ``cvtdq2ps``)."""
+    return np.float32(np.uint8(v))
+
+
+@kernel
 def _i8_at(row, o):
     """The byte ``row[o]`` read as int8."""
     v = np.int32(row[o])
@@ -330,130 +337,213 @@ def _dequant_row_q6_k(row, out):
 # compiled dot products: one quantized row . float32 x, block by block
 # --------------------------------------------------------------------------------------------
 
+@kernel
+def _q2_sub_scale(row, so, d, dmin):
+    """(d·scale, dmin·min) for the Q2_K scale byte at ``row[so]``: weight = q·ds − dm."""
+    s = row[so]
+    return d * np.float32(s & 0xF), dmin * np.float32(s >> 4)
+
+
 @fast_kernel
 def _dot_q2_k(row, x):
+    """Q2_K row · x.  Per 128-weight half the lane loop covers 16 lanes with all 8 sub-blocks of
+    16 in its body (see :func:`_dot_q4_k`); group j of a qs byte is bits 2j..2j+1."""
     acc = np.float32(0.0)
     for b in range(x.size // QK_K):
         o, y = b * Q2_K_TYPE_SIZE, b * QK_K
         d = load_f16(row, o + 80)
         dmin = load_f16(row, o + 82)
         for n in range(2):
-            for j in range(4):
-                shift = 2 * j
-                for h in range(2):
-                    s = row[o + 8 * n + 2 * j + h]
-                    qo = o + 16 + 32 * n + 16 * h
-                    yo = y + 128 * n + 32 * j + 16 * h
-                    sq = np.float32(0.0)
-                    sx = np.float32(0.0)
-                    for l in range(16):
-                        xv = x[yo + l]
-                        sq += np.float32((row[qo + l] >> shift) & 3) * xv
-                        sx += xv
-                    acc += d * np.float32(s & 0xF) * sq - dmin * np.float32(s >> 4) * sx
+            so = o + 8 * n
+            ds0, dm0 = _q2_sub_scale(row, so + 0, d, dmin)
+            ds1, dm1 = _q2_sub_scale(row, so + 1, d, dmin)
+            ds2, dm2 = _q2_sub_scale(row, so + 2, d, dmin)
+            ds3, dm3 = _q2_sub_scale(row, so + 3, d, dmin)
+            ds4, dm4 = _q2_sub_scale(row, so + 4, d, dmin)
+            ds5, dm5 = _q2_sub_scale(row, so + 5, d, dmin)
+            ds6, dm6 = _q2_sub_scale(row, so + 6, d, dmin)
+            ds7, dm7 = _q2_sub_scale(row, so + 7, d, dmin)
+            qo = o + 16 + 32 * n
+            yo = y + 128 * n
+            for l in range(16):
+                a = row[qo + l]        # lanes 0..15 of groups 0..3
+                c = row[qo + 16 + l]   # lanes 16..31 of groups 0..3
+                acc += ((_u8f(a & 3) * ds0 - dm0) * x[yo + l]
+                        + (_u8f(c & 3) * ds1 - dm1) * x[yo + 16 + l]
+                        + (_u8f((a >> 2) & 3) * ds2 - dm2) * x[yo + 32 + l]
+                        + (_u8f((c >> 2) & 3) * ds3 - dm3) * x[yo + 48 + l]
+                        + (_u8f((a >> 4) & 3) * ds4 - dm4) * x[yo + 64 + l]
+                        + (_u8f((c >> 4) & 3) * ds5 - dm5) * x[yo + 80 + l]
+                        + (_u8f(a >> 6) * ds6 - dm6) * x[yo + 96 + l]
+                        + (_u8f(c >> 6) * ds7 - dm7) * x[yo + 112 + l])
     return acc
+
+
+@kernel
+def _q3_sub_scale(row, so, j, d):
+    """(d·scale, 4·d·scale) of Q3_K sub-block ``j``: with q = 2 low bits | hmask bit << 2 (0..7),
+    the weight is q·ds − dm."""
+    ds = d * np.float32(_q3_scale_at(row, so, j))
+    return ds, np.float32(4.0) * ds
 
 
 @fast_kernel
 def _dot_q3_k(row, x):
+    """Q3_K row · x, laid out like :func:`_dot_q2_k` plus the hmask bit (bit 4n + j of hmask byte
+    ``lane``) as the third bit."""
     acc = np.float32(0.0)
     for b in range(x.size // QK_K):
         o, y = b * Q3_K_TYPE_SIZE, b * QK_K
         d = load_f16(row, o + 108)
         for n in range(2):
-            for j in range(4):
-                shift = 2 * j
-                hbit = 4 * n + j
-                for h in range(2):
-                    qo = o + 32 + 32 * n + 16 * h
-                    ho = o + 16 * h
-                    yo = y + 128 * n + 32 * j + 16 * h
-                    sq = np.float32(0.0)
-                    for l in range(16):
-                        q = np.int32((row[qo + l] >> shift) & 3) - 4 + 4 * np.int32((row[ho + l] >> hbit) & 1)
-                        sq += np.float32(q) * x[yo + l]
-                    acc += d * np.float32(_q3_scale_at(row, o + 96, 8 * n + 2 * j + h)) * sq
+            ds0, dm0 = _q3_sub_scale(row, o + 96, 8 * n + 0, d)
+            ds1, dm1 = _q3_sub_scale(row, o + 96, 8 * n + 1, d)
+            ds2, dm2 = _q3_sub_scale(row, o + 96, 8 * n + 2, d)
+            ds3, dm3 = _q3_sub_scale(row, o + 96, 8 * n + 3, d)
+            ds4, dm4 = _q3_sub_scale(row, o + 96, 8 * n + 4, d)
+            ds5, dm5 = _q3_sub_scale(row, o + 96, 8 * n + 5, d)
+            ds6, dm6 = _q3_sub_scale(row, o + 96, 8 * n + 6, d)
+            ds7, dm7 = _q3_sub_scale(row, o + 96, 8 * n + 7, d)
+            qo = o + 32 + 32 * n
+            yo = y + 128 * n
+            hs = 4 * n
+            for l in range(16):
+                a = row[qo + l]                   # low bits, lanes 0..15 of groups 0..3
+                c = row[qo + 16 + l]              # low bits, lanes 16..31
+                ha = (row[o + l] >> hs) << 2      # hmask bits of groups 0..3 at bits 2..5
+                hc = (row[o + 16 + l] >> hs) << 2
+                acc += ((_u8f((a & 3) | (ha & 4)) * ds0 - dm0) * x[yo + l]
+                        + (_u8f((c & 3) | (hc & 4)) * ds1 - dm1) * x[yo + 16 + l]
+                        + (_u8f(((a >> 2) & 3) | ((ha >> 1) & 4)) * ds2 - dm2) * x[yo + 32 + l]
+                        + (_u8f(((c >> 2) & 3) | ((hc >> 1) & 4)) * ds3 - dm3) * x[yo + 48 + l]
+                        + (_u8f(((a >> 4) & 3) | ((ha >> 2) & 4)) * ds4 - dm4) * x[yo + 64 + l]
+                        + (_u8f(((c >> 4) & 3) | ((hc >> 2) & 4)) * ds5 - dm5) * x[yo + 80 + l]
+                        + (_u8f((a >> 6) | ((ha >> 3) & 4)) * ds6 - dm6) * x[yo + 96 + l]
+                        + (_u8f((c >> 6) | ((hc >> 3) & 4)) * ds7 - dm7) * x[yo + 112 + l])
     return acc
+
+
+@kernel
+def _k4_sub_scale(row, o, j, d, dmin):
+    """(d·scale, dmin·min) of sub-block ``j`` of the Q4_K/Q5_K block at ``row[o:]``."""
+    sc, mn = _scale_min_at(row, o + 4, j)
+    return d * np.float32(sc), dmin * np.float32(mn)
 
 
 @fast_kernel
 def _dot_q4_k(row, x):
+    """Q4_K row · x.  Each weight is ``q·ds_s − dm_s`` (sub-block s of 32), so the lane loop runs
+    over the 32 bytes of each quarter with all 8 sub-blocks in its body: LLVM vectorizes across
+    lanes and reduces the vector accumulator once per block, not once per sub-block."""
     acc = np.float32(0.0)
     for b in range(x.size // QK_K):
         o, y = b * Q4_K_TYPE_SIZE, b * QK_K
         d = load_f16(row, o)
         dmin = load_f16(row, o + 2)
-        for g in range(4):
-            sc1, m1 = _scale_min_at(row, o + 4, 2 * g)
-            sc2, m2 = _scale_min_at(row, o + 4, 2 * g + 1)
-            qo = o + 16 + 32 * g
-            yo = y + 64 * g
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            sx1 = np.float32(0.0)
-            sx2 = np.float32(0.0)
-            for l in range(32):
-                q = row[qo + l]
-                x1 = x[yo + l]
-                x2 = x[yo + 32 + l]
-                s1 += np.float32(q & 0xF) * x1
-                s2 += np.float32(q >> 4) * x2
-                sx1 += x1
-                sx2 += x2
-            acc += d * (np.float32(sc1) * s1 + np.float32(sc2) * s2) \
-                - dmin * (np.float32(m1) * sx1 + np.float32(m2) * sx2)
+        ds0, dm0 = _k4_sub_scale(row, o, 0, d, dmin)
+        ds1, dm1 = _k4_sub_scale(row, o, 1, d, dmin)
+        ds2, dm2 = _k4_sub_scale(row, o, 2, d, dmin)
+        ds3, dm3 = _k4_sub_scale(row, o, 3, d, dmin)
+        ds4, dm4 = _k4_sub_scale(row, o, 4, d, dmin)
+        ds5, dm5 = _k4_sub_scale(row, o, 5, d, dmin)
+        ds6, dm6 = _k4_sub_scale(row, o, 6, d, dmin)
+        ds7, dm7 = _k4_sub_scale(row, o, 7, d, dmin)
+        qo = o + 16
+        for l in range(32):
+            q0 = row[qo + l]
+            q1 = row[qo + 32 + l]
+            q2 = row[qo + 64 + l]
+            q3 = row[qo + 96 + l]
+            acc += ((_u8f(q0 & 0xF) * ds0 - dm0) * x[y + l]
+                    + (_u8f(q0 >> 4) * ds1 - dm1) * x[y + 32 + l]
+                    + (_u8f(q1 & 0xF) * ds2 - dm2) * x[y + 64 + l]
+                    + (_u8f(q1 >> 4) * ds3 - dm3) * x[y + 96 + l]
+                    + (_u8f(q2 & 0xF) * ds4 - dm4) * x[y + 128 + l]
+                    + (_u8f(q2 >> 4) * ds5 - dm5) * x[y + 160 + l]
+                    + (_u8f(q3 & 0xF) * ds6 - dm6) * x[y + 192 + l]
+                    + (_u8f(q3 >> 4) * ds7 - dm7) * x[y + 224 + l])
     return acc
 
 
 @fast_kernel
 def _dot_q5_k(row, x):
+    """Q5_K row · x, laid out like :func:`_dot_q4_k`; the fifth bit of sub-block s is bit s of
+    qh byte ``lane``."""
     acc = np.float32(0.0)
     for b in range(x.size // QK_K):
         o, y = b * Q5_K_TYPE_SIZE, b * QK_K
         d = load_f16(row, o)
         dmin = load_f16(row, o + 2)
-        for g in range(4):
-            sc1, m1 = _scale_min_at(row, o + 4, 2 * g)
-            sc2, m2 = _scale_min_at(row, o + 4, 2 * g + 1)
-            qo = o + 48 + 32 * g
-            yo = y + 64 * g
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            sx1 = np.float32(0.0)
-            sx2 = np.float32(0.0)
-            for l in range(32):
-                q = row[qo + l]
-                hb = row[o + 16 + l] >> (2 * g)
-                x1 = x[yo + l]
-                x2 = x[yo + 32 + l]
-                s1 += np.float32((q & 0xF) | ((hb & 1) << 4)) * x1
-                s2 += np.float32((q >> 4) | ((hb & 2) << 3)) * x2
-                sx1 += x1
-                sx2 += x2
-            acc += d * (np.float32(sc1) * s1 + np.float32(sc2) * s2) \
-                - dmin * (np.float32(m1) * sx1 + np.float32(m2) * sx2)
+        ds0, dm0 = _k4_sub_scale(row, o, 0, d, dmin)
+        ds1, dm1 = _k4_sub_scale(row, o, 1, d, dmin)
+        ds2, dm2 = _k4_sub_scale(row, o, 2, d, dmin)
+        ds3, dm3 = _k4_sub_scale(row, o, 3, d, dmin)
+        ds4, dm4 = _k4_sub_scale(row, o, 4, d, dmin)
+        ds5, dm5 = _k4_sub_scale(row, o, 5, d, dmin)
+        ds6, dm6 = _k4_sub_scale(row, o, 6, d, dmin)
+        ds7, dm7 = _k4_sub_scale(row, o, 7, d, dmin)
+        qo = o + 48
+        for l in range(32):
+            q0 = row[qo + l]
+            q1 = row[qo + 32 + l]
+            q2 = row[qo + 64 + l]
+            q3 = row[qo + 96 + l]
+            h = row[o + 16 + l]
+            acc += ((_u8f((q0 & 0xF) | ((h & 1) << 4)) * ds0 - dm0) * x[y + l]
+                    + (_u8f((q0 >> 4) | ((h & 2) << 3)) * ds1 - dm1) * x[y + 32 + l]
+                    + (_u8f((q1 & 0xF) | ((h & 4) << 2)) * ds2 - dm2) * x[y + 64 + l]
+                    + (_u8f((q1 >> 4) | ((h & 8) << 1)) * ds3 - dm3) * x[y + 96 + l]
+                    + (_u8f((q2 & 0xF) | (h & 16)) * ds4 - dm4) * x[y + 128 + l]
+                    + (_u8f((q2 >> 4) | ((h & 32) >> 1)) * ds5 - dm5) * x[y + 160 + l]
+                    + (_u8f((q3 & 0xF) | ((h & 64) >> 2)) * ds6 - dm6) * x[y + 192 + l]
+                    + (_u8f((q3 >> 4) | ((h & 128) >> 3)) * ds7 - dm7) * x[y + 224 + l])
     return acc
+
+
+@kernel
+def _q6_sub_scale(row, so, d):
+    """(d·scale, 32·d·scale) for the Q6_K int8 scale at ``row[so]``: weight = q·ds − dm."""
+    ds = d * np.float32(_i8_at(row, so))
+    return ds, np.float32(32.0) * ds
 
 
 @fast_kernel
 def _dot_q6_k(row, x):
+    """Q6_K row · x.  Weight ``q·ds − 32·ds`` (q = 0..63, ds = d·scale of its 16 weights); per
+    128-weight half the lane loop covers 16 lanes with all 8 sub-blocks in its body (see
+    :func:`_dot_q4_k`)."""
     acc = np.float32(0.0)
     for b in range(x.size // QK_K):
         o, y = b * Q6_K_TYPE_SIZE, b * QK_K
         d = load_f16(row, o + 208)
         for n in range(2):
-            for k in range(4):
-                lo_o = o + 64 * n + 32 * (k & 1)
-                lo_shift = 4 * (k >> 1)
-                hi_o = o + 128 + 32 * n
-                yo = y + 128 * n + 32 * k
-                for h in range(2):
-                    sq = np.float32(0.0)
-                    for l in range(16 * h, 16 * h + 16):
-                        q = np.int32(((row[lo_o + l] >> lo_shift) & 0xF)
-                                     | (((row[hi_o + l] >> (2 * k)) & 3) << 4)) - 32
-                        sq += np.float32(q) * x[yo + l]
-                    acc += d * np.float32(_i8_at(row, o + 192 + 8 * n + 2 * k + h)) * sq
+            so = o + 192 + 8 * n
+            ds0, dm0 = _q6_sub_scale(row, so + 0, d)
+            ds1, dm1 = _q6_sub_scale(row, so + 1, d)
+            ds2, dm2 = _q6_sub_scale(row, so + 2, d)
+            ds3, dm3 = _q6_sub_scale(row, so + 3, d)
+            ds4, dm4 = _q6_sub_scale(row, so + 4, d)
+            ds5, dm5 = _q6_sub_scale(row, so + 5, d)
+            ds6, dm6 = _q6_sub_scale(row, so + 6, d)
+            ds7, dm7 = _q6_sub_scale(row, so + 7, d)
+            lo_o = o + 64 * n
+            hi_o = o + 128 + 32 * n
+            yo = y + 128 * n
+            for l in range(16):
+                a0 = row[lo_o + l]        # lanes 0..15 of groups 0 (low nibble) and 2 (high)
+                a1 = row[lo_o + 16 + l]   # lanes 16..31 of groups 0 and 2
+                b0 = row[lo_o + 32 + l]   # lanes 0..15 of groups 1 and 3
+                b1 = row[lo_o + 48 + l]   # lanes 16..31 of groups 1 and 3
+                h0 = row[hi_o + l]        # 2 high bits of groups 0..3, lanes 0..15
+                h1 = row[hi_o + 16 + l]   # same, lanes 16..31
+                acc += ((_u8f((a0 & 0xF) | ((h0 & 3) << 4)) * ds0 - dm0) * x[yo + l]
+                        + (_u8f((a1 & 0xF) | ((h1 & 3) << 4)) * ds1 - dm1) * x[yo + 16 + l]
+                        + (_u8f((b0 & 0xF) | ((h0 & 12) << 2)) * ds2 - dm2) * x[yo + 32 + l]
+                        + (_u8f((b1 & 0xF) | ((h1 & 12) << 2)) * ds3 - dm3) * x[yo + 48 + l]
+                        + (_u8f((a0 >> 4) | (h0 & 48)) * ds4 - dm4) * x[yo + 64 + l]
+                        + (_u8f((a1 >> 4) | (h1 & 48)) * ds5 - dm5) * x[yo + 80 + l]
+                        + (_u8f((b0 >> 4) | ((h0 >> 6) << 4)) * ds6 - dm6) * x[yo + 96 + l]
+                        + (_u8f((b1 >> 4) | ((h1 >> 6) << 4)) * ds7 - dm7) * x[yo + 112 + l])
     return acc
 
 

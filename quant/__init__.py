@@ -1,0 +1,158 @@
+"""Quantized tensor formats of GGUF files and the compiled kernels that multiply by them.
+
+Public API (all validation raises :class:`cpuinfer.errors.CpuinferError` with a one-line message)::
+
+    FORMATS: dict[GGMLType, QuantFormat]       # every format with a reference + compiled kernels
+    SUPPORTED_TYPES: tuple[GGMLType, ...]
+    check_supported(ggml_type, tensor_name, path) -> None
+    row_bytes(ggml_type, k) -> int
+    dequantize(raw uint8[..., row_bytes], ggml_type, k) -> float32[..., k]      # numpy reference
+    matmul(w uint8[rows, row_bytes], ggml_type, x float32[n, k], out float32[n, rows], scratch=None)
+    get_rows(w uint8[rows, row_bytes], ggml_type, ids int[n], out float32[n, k])
+    scratch_size(ggml_type, n, k) -> int      # bytes of uint8 scratch matmul may be given
+    set_threads(n), get_threads()
+
+Formats live one family per module: :mod:`quant.floats` (F32, F16, BF16), :mod:`quant.legacy`
+(Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), :mod:`quant.kquants` (Q2_K..Q6_K). The compiled drivers, callable
+from other compiled code, are in :mod:`quant.kernels`.
+
+``matmul`` on the legacy formats quantizes the activations to int8 per 32 values (as llama.cpp
+does); the result then differs from ``x @ dequantize(W).T`` by at most
+``Σ_blocks (max|x_block| / 254) · Σ_block |w|`` per output.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from cpuinfer.errors import CpuinferError
+from cpuinfer.gguf import GGMLType
+
+from . import floats, kernels, kquants, legacy
+from .base import QuantFormat
+from .jit import get_threads, set_threads
+
+FORMATS: dict[GGMLType, QuantFormat] = {**floats.FORMATS, **legacy.FORMATS, **kquants.FORMATS}
+SUPPORTED_TYPES: tuple[GGMLType, ...] = tuple(t for t in kernels.KERNEL_TYPES if t in FORMATS)
+
+__all__ = ["FORMATS", "SUPPORTED_TYPES", "GGMLType", "QuantFormat", "check_supported", "dequantize",
+           "get_rows", "get_threads", "matmul", "row_bytes", "scratch_size", "set_threads"]
+
+
+def _type_name(ggml_type) -> str:
+    try:
+        return GGMLType(int(ggml_type)).name
+    except (ValueError, TypeError):
+        return f"unknown type {ggml_type!r}"
+
+
+def _format(ggml_type, where: str = "quant") -> QuantFormat:
+    try:
+        fmt = FORMATS.get(GGMLType(int(ggml_type)))
+    except (ValueError, TypeError):
+        fmt = None
+    if fmt is None:
+        raise CpuinferError(f"{where}: type {_type_name(ggml_type)} is not supported "
+                            f"(supported: {', '.join(t.name for t in SUPPORTED_TYPES)})")
+    return fmt
+
+
+def check_supported(ggml_type, tensor_name: str, path: str) -> None:
+    """Raise CpuinferError unless tensors of ``ggml_type`` can be read and multiplied."""
+    try:
+        ok = GGMLType(int(ggml_type)) in SUPPORTED_TYPES
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise CpuinferError(f"{path}: tensor {tensor_name} has type {_type_name(ggml_type)}, "
+                            f"which cpuinfer does not support "
+                            f"(supported: {', '.join(t.name for t in SUPPORTED_TYPES)})")
+
+
+def row_bytes(ggml_type, k: int) -> int:
+    """Bytes of one row of ``k`` values; ``k`` must be a multiple of the block size."""
+    fmt = _format(ggml_type, "row_bytes")
+    if k <= 0 or k % fmt.block_size:
+        raise CpuinferError(f"row_bytes: row length {k} is not a positive multiple of the "
+                            f"{fmt.name} block size {fmt.block_size}")
+    return fmt.row_bytes(k)
+
+
+def scratch_size(ggml_type, n: int, k: int) -> int:
+    """Bytes of the uint8 ``scratch`` that :func:`matmul` uses for ``n`` tokens of ``k`` values."""
+    _format(ggml_type, "scratch_size")
+    return int(kernels.act_scratch_bytes(int(ggml_type), n, k))
+
+
+def dequantize(raw: np.ndarray, ggml_type, k: int) -> np.ndarray:
+    """Numpy reference dequantization: uint8 [..., row_bytes] -> float32 [..., k] (a new array)."""
+    fmt = _format(ggml_type, "dequantize")
+    rb = row_bytes(ggml_type, k)
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8 or raw.ndim < 1 or raw.shape[-1] != rb:
+        raise CpuinferError(f"dequantize: expected uint8 [..., {rb}] for {k} {fmt.name} values per "
+                            f"row, got {raw.dtype} {list(raw.shape)}")
+    blocks = np.ascontiguousarray(raw).reshape(-1, fmt.type_size)
+    return fmt.dequantize_ref(blocks).astype(np.float32, copy=False).reshape(*raw.shape[:-1], k)
+
+
+def _check_array(a, name: str, dtype, ndim: int, where: str, writeable: bool = False) -> None:
+    if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != ndim:
+        got = f"{a.dtype} {list(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise CpuinferError(f"{where}: {name} must be a {ndim}-d {np.dtype(dtype).name} array, "
+                            f"got {got}")
+    if not a.flags.c_contiguous:
+        raise CpuinferError(f"{where}: {name} must be C-contiguous")
+    if writeable and not a.flags.writeable:
+        raise CpuinferError(f"{where}: {name} must be writeable")
+
+
+def _check_weights(w, ggml_type, k: int, where: str) -> QuantFormat:
+    fmt = _format(ggml_type, where)
+    _check_array(w, "w", np.uint8, 2, where)
+    if k <= 0 or k % fmt.block_size or w.shape[1] != fmt.row_bytes(k):
+        raise CpuinferError(f"{where}: {fmt.name} rows of {k} values need {fmt.row_bytes(k)} bytes "
+                            f"(k a multiple of {fmt.block_size}), w has {w.shape[1]} bytes per row")
+    return fmt
+
+
+def matmul(w: np.ndarray, ggml_type, x: np.ndarray, out: np.ndarray,
+           scratch: np.ndarray | None = None) -> None:
+    """``out[:] = x @ W.T`` for quantized rows ``w`` [rows, row_bytes], ``x`` [n, k], ``out`` [n, rows].
+
+    ``scratch`` (optional, uint8 1-d of at least ``scratch_size(ggml_type, n, k)`` bytes) holds the
+    quantized activations; pass a preallocated one on the hot path, otherwise one is allocated.
+    """
+    _check_array(x, "x", np.float32, 2, "matmul")
+    _check_array(out, "out", np.float32, 2, "matmul", writeable=True)
+    n, k = x.shape
+    _check_weights(w, ggml_type, k, "matmul")
+    if out.shape != (n, w.shape[0]):
+        raise CpuinferError(f"matmul: out must be [{n}, {w.shape[0]}] for x {list(x.shape)} and "
+                            f"{w.shape[0]} weight rows, got {list(out.shape)}")
+    qtype = int(ggml_type)
+    need = int(kernels.act_scratch_bytes(qtype, n, k))
+    if scratch is None:
+        scratch = np.empty(max(need, 1), np.uint8)
+    else:
+        _check_array(scratch, "scratch", np.uint8, 1, "matmul", writeable=True)
+        if scratch.shape[0] < need:
+            raise CpuinferError(f"matmul: scratch has {scratch.shape[0]} bytes, needs {need} "
+                                f"(scratch_size({_type_name(ggml_type)}, {n}, {k}))")
+    if n:
+        kernels.matmul_kernel(qtype, w, x, out, scratch)
+
+
+def get_rows(w: np.ndarray, ggml_type, ids: np.ndarray, out: np.ndarray) -> None:
+    """Embedding lookup: ``out[i] = dequantize(w[ids[i]])`` for ``out`` float32 [n, k]."""
+    _check_array(out, "out", np.float32, 2, "get_rows", writeable=True)
+    n, k = out.shape
+    _check_weights(w, ggml_type, k, "get_rows")
+    if not isinstance(ids, np.ndarray) or ids.dtype not in (np.int64, np.int32) or ids.ndim != 1:
+        raise CpuinferError("get_rows: ids must be a 1-d int64 or int32 array")
+    if ids.shape[0] != n:
+        raise CpuinferError(f"get_rows: {ids.shape[0]} ids but out has {n} rows")
+    if n and (ids.min() < 0 or ids.max() >= w.shape[0]):
+        bad = ids[(ids < 0) | (ids >= w.shape[0])][0]
+        raise CpuinferError(f"get_rows: id {int(bad)} out of range [0, {w.shape[0]})")
+    if n:
+        kernels.get_rows_kernel(int(ggml_type), w, np.ascontiguousarray(ids), out)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numba
 from numba import njit
 
-_FAST = frozenset({"contract", "reassoc", "nsz", "arcp"})
+_FAST = {"contract", "reassoc", "nsz", "arcp"}  # numba wants a set (not frozenset)
 
 kernel = njit(cache=True, nogil=True)
 fast_kernel = njit(cache=True, nogil=True, fastmath=_FAST)

@@ -237,6 +237,7 @@ def _i8_at(row, o):
 
 @kernel
 def _dequant_row_q2_k(row, out):
+    """Dequantize one Q2_K row (``out.size // 256`` blocks) into ``out``, as :func:`dequantize_q2_k`."""
     for b in range(out.size // QK_K):
         o, y = b * Q2_K_TYPE_SIZE, b * QK_K
         d = load_f16(row, o + 80)
@@ -256,6 +257,7 @@ def _dequant_row_q2_k(row, out):
 
 @kernel
 def _dequant_row_q3_k(row, out):
+    """Dequantize one Q3_K row (``out.size // 256`` blocks) into ``out``, as :func:`dequantize_q3_k`."""
     for b in range(out.size // QK_K):
         o, y = b * Q3_K_TYPE_SIZE, b * QK_K
         d = load_f16(row, o + 108)
@@ -277,6 +279,7 @@ def _dequant_row_q3_k(row, out):
 
 @kernel
 def _dequant_row_q4_k(row, out):
+    """Dequantize one Q4_K row (``out.size // 256`` blocks) into ``out``, as :func:`dequantize_q4_k`."""
     for b in range(out.size // QK_K):
         o, y = b * Q4_K_TYPE_SIZE, b * QK_K
         d = load_f16(row, o)
@@ -296,6 +299,7 @@ def _dequant_row_q4_k(row, out):
 
 @kernel
 def _dequant_row_q5_k(row, out):
+    """Dequantize one Q5_K row (``out.size // 256`` blocks) into ``out``, as :func:`dequantize_q5_k`."""
     for b in range(out.size // QK_K):
         o, y = b * Q5_K_TYPE_SIZE, b * QK_K
         d = load_f16(row, o)
@@ -316,6 +320,7 @@ def _dequant_row_q5_k(row, out):
 
 @kernel
 def _dequant_row_q6_k(row, out):
+    """Dequantize one Q6_K row (``out.size // 256`` blocks) into ``out``, as :func:`dequantize_q6_k`."""
     for b in range(out.size // QK_K):
         o, y = b * Q6_K_TYPE_SIZE, b * QK_K
         d = load_f16(row, o + 208)

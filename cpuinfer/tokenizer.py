@@ -46,7 +46,7 @@ from gguf import Keys
 from .errors import CpuinferError
 from .gguf import GGUFFile, open_gguf
 
-__all__ = ["Tokenizer", "StreamDecoder", "load_tokenizer", "TokenType", "PreTokenizer",
+__all__ = ["Tokenizer", "StreamDecoder", "load_tokenizer", "pre_split", "TokenType", "PreTokenizer",
            "PRE_TOKENIZERS", "BYTE_TO_UNICODE"]
 
 K = Keys.Tokenizer
@@ -614,6 +614,17 @@ class StreamDecoder:
         out = self._dec.decode(b"", final=True)
         self._dec.reset()
         return out
+
+
+def pre_split(pre: str, text: str) -> list[str]:
+    """The pieces pre-tokenizer ``pre`` cuts ``text`` into (before byte mapping and merges)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre not in PRE_TOKENIZERS:
+        raise CpuinferError(f"unknown pre-tokenizer {pre!r} (supported: {', '.join(sorted(PRE_TOKENIZERS))})")
+    seq = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), behavior="isolated")
+                                   for r in PRE_TOKENIZERS[pre].regexes])
+    return [piece for piece, _ in seq.pre_tokenize_str(_clean_text(text))]
 
 
 def load_tokenizer(path_or_gguf: str | os.PathLike | GGUFFile) -> Tokenizer:

@@ -171,7 +171,7 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
 #: Per tokenizer model: default special ids (used when the metadata key is absent), the default
 #: of add_bos, and whether a space is prefixed to the text.
 _MODEL_DEFAULTS = {
-    "gpt2": dict(bos=11, eos=11, unk=None, add_space_prefix=False),
+    "gpt2": dict(bos=11, eos=11, unk=None, add_space_prefix=False, add_bos=False),
     "llama": dict(bos=1, eos=2, unk=0, add_space_prefix=True, add_bos=True),
 }
 SUPPORTED_MODELS = tuple(_MODEL_DEFAULTS)
@@ -181,6 +181,12 @@ _EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endofte
               "<|end_of_text|>", "<EOT>", "_<EOT>", "[EOT]", "<\uff5cend\u2581of\u2581sentence\uff5c>",
               "<end_of_utterance>")
 _EOM_TEXTS = ("<|eom_id|>",)
+_FIM_PRE_TEXTS = ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\uff5cfim\u2581begin\uff5c>",
+                  "<PRE>", "\u2581<PRE>", "<|code_prefix|>", "<|prefix|>")
+_FIM_SUF_TEXTS = ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<\uff5cfim\u2581hole\uff5c>",
+                  "<SUF>", "\u2581<SUF>", "<|code_suffix|>", "<|suffix|>")
+_FIM_MID_TEXTS = ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<\uff5cfim\u2581end\uff5c>",
+                  "<MID>", "\u2581<MID>", "<|code_middle|>", "<|middle|>")
 _FIM_PAD_TEXTS = ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]")
 _FIM_REP_TEXTS = ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>")
 _FIM_SEP_TEXTS = ("<|file_sep|>",)
@@ -247,60 +253,7 @@ class Tokenizer:
         self._types = self._int_array(md, K.TOKEN_TYPE, np.int32, TokenType.NORMAL)
         self._scores = self._int_array(md, K.SCORES, np.float32, 0.0)
 
-        # -- special ids ----------------------------------------------------------------------
-        def special(key: str, default: int | None) -> int | None:
-            if default is not None and not 0 <= default < self.n_vocab:
-                default = None
-            v = md.get(key)
-            if v is None:
-                return default
-            v = int(v)
-            return v if 0 <= v < self.n_vocab else default
-
-        self.bos_id = special(K.BOS_ID, defaults["bos"])
-        self.eos_id = special(K.EOS_ID, defaults["eos"])
-        self.unk_id = special(K.UNK_ID, defaults["unk"])
-        self.pad_id = special(K.PAD_ID, None)
-        self.eot_id = special(K.EOT_ID, None)
-        self.eom_id = special(K.EOM_ID, None)
-        fim_pad = special(K.FIM_PAD_ID, None)
-        fim_rep = special(K.FIM_REP_ID, None)
-        fim_sep = special(K.FIM_SEP_ID, None)
-        # Tokens found by their text are promoted to control tokens, as llama.cpp does.
-        if self.eot_id is None:
-            self.eot_id = self._find_text(_EOT_TEXTS)
-        if self.eom_id is None:
-            self.eom_id = self._find_text(_EOM_TEXTS)
-        fim_pad = fim_pad if fim_pad is not None else self._find_text(_FIM_PAD_TEXTS)
-        fim_rep = fim_rep if fim_rep is not None else self._find_text(_FIM_REP_TEXTS)
-        fim_sep = fim_sep if fim_sep is not None else self._find_text(_FIM_SEP_TEXTS)
-        stop = {i for i in (fim_pad, fim_rep, fim_sep, self.eot_id, self.eom_id) if i is not None}
-        for i in stop:
-            self._make_control(i)
-        for text in _EOG_TEXTS:
-            i = self._text_to_id.get(text)
-            if i is not None:
-                stop.add(i)
-                self._make_control(i)
-        for text in _FORCE_USER_DEFINED:
-            i = self._text_to_id.get(text)
-            if i is not None:
-                self._types[i] = TokenType.USER_DEFINED
-        if self.eos_id is not None:
-            stop.add(self.eos_id)
-        # o200k_harmony / solar-open: "<|end|>" ends a message, not the generation.
-        texts_in_stop = {self._texts[i] for i in stop}
-        if "<|end|>" in texts_in_stop and (
-                {"<|return|>", "<|call|>"} <= texts_in_stop or {"<|calls|>", "<|flush|>"} <= texts_in_stop):
-            end = self._text_to_id["<|end|>"]
-            stop.discard(end)
-            self._types[end] = TokenType.USER_DEFINED
-        # gemma4 / paddleocr: "</s>" is not a stop token when "<|tool_response>" exists.
-        if "<|tool_response>" in texts_in_stop and "</s>" in texts_in_stop:
-            s = self._text_to_id["</s>"]
-            stop.discard(s)
-            self._types[s] = TokenType.NORMAL
-        self.stop_ids: frozenset[int] = frozenset(stop)
+        self._read_special_ids(md, defaults)
 
         # -- flags ----------------------------------------------------------------------------
         if self.model == "gpt2":
@@ -356,16 +309,60 @@ class Tokenizer:
                                 f"(one per token of {K.LIST})")
         return np.array(v[:self.n_vocab], dtype=dtype)
 
+    def _read_special_ids(self, md, defaults) -> None:
+        """Special ids from the metadata, else llama.cpp's defaults, else found by token text;
+        the set of ids that end generation (llama.cpp ``special_eog_ids``).
+
+        Like llama.cpp, tokens recognised by their text (EOT, EOM, FIM, the end-of-generation
+        list) become control tokens, so ``special=True`` parses them and ``special=False`` does not.
+        """
+        def special(key: str, default: int | None, texts: tuple[str, ...] = ()) -> int | None:
+            if default is not None and not 0 <= default < self.n_vocab:
+                default = None
+            v = md.get(key)
+            if v is not None and 0 <= int(v) < self.n_vocab:
+                return int(v)
+            return default if default is not None else self._find_text(texts)
+
+        self.bos_id = special(K.BOS_ID, defaults["bos"])
+        self.eos_id = special(K.EOS_ID, defaults["eos"])
+        self.unk_id = special(K.UNK_ID, defaults["unk"])
+        self.pad_id = special(K.PAD_ID, None)
+        self.eot_id = special(K.EOT_ID, None, _EOT_TEXTS)
+        self.eom_id = special(K.EOM_ID, None, _EOM_TEXTS)
+        fim_stop = [special(K.FIM_PAD_ID, None, _FIM_PAD_TEXTS), special(K.FIM_REP_ID, None, _FIM_REP_TEXTS),
+                    special(K.FIM_SEP_ID, None, _FIM_SEP_TEXTS)]
+        fim_other = [special(K.FIM_PRE_ID, None, _FIM_PRE_TEXTS), special(K.FIM_SUF_ID, None, _FIM_SUF_TEXTS),
+                     special(K.FIM_MID_ID, None, _FIM_MID_TEXTS)]
+        stop = {i for i in fim_stop + [self.eot_id, self.eom_id] if i is not None}
+        stop |= {i for i in map(self._text_to_id.get, _EOG_TEXTS) if i is not None}
+        for i in stop.union(fim_other) - {None}:
+            self._types[i] = TokenType.CONTROL
+        for i in map(self._text_to_id.get, _FORCE_USER_DEFINED):
+            if i is not None:
+                self._types[i] = TokenType.USER_DEFINED
+        if self.eos_id is not None:
+            stop.add(self.eos_id)
+        # o200k_harmony / solar-open: "<|end|>" ends a message, not the generation.
+        texts_in_stop = {self._texts[i] for i in stop}
+        if "<|end|>" in texts_in_stop and (
+                {"<|return|>", "<|call|>"} <= texts_in_stop or {"<|calls|>", "<|flush|>"} <= texts_in_stop):
+            end = self._text_to_id["<|end|>"]
+            stop.discard(end)
+            self._types[end] = TokenType.USER_DEFINED
+        # gemma4 / paddleocr: "</s>" is not a stop token when "<|tool_response>" exists.
+        if "<|tool_response>" in texts_in_stop and "</s>" in texts_in_stop:
+            eos_text = self._text_to_id["</s>"]
+            stop.discard(eos_text)
+            self._types[eos_text] = TokenType.NORMAL
+        self.stop_ids: frozenset[int] = frozenset(stop)
+
     def _find_text(self, texts: Iterable[str]) -> int | None:
         for t in texts:
             i = self._text_to_id.get(t)
             if i is not None:
                 return i
         return None
-
-    def _make_control(self, i: int) -> None:
-        if self._types[i] != TokenType.CONTROL:
-            self._types[i] = TokenType.CONTROL
 
     def _build_bpe(self, md):
         """Hugging Face BPE model + pre-tokenizer pipeline for this vocabulary."""

@@ -69,3 +69,11 @@ class TensorLoader:
 
     def optional_vector(self, name: str, n: int) -> np.ndarray | None:
         return self.vector(name, n) if self.has(name) else None
+
+    def stacked(self, name: str, n: int, rows: int, cols: int) -> QTensor:
+        """A stack of ``n`` equally shaped matrices stored as one 3-D tensor (the routed experts
+        ``ffn_*_exps``, or MLA's per-head ``attn_k_b``/``attn_v_b``). ``raw`` is the zero-copy
+        uint8 view [n, rows, row_bytes], so ``raw[i]`` is matrix ``i``'s rows; ``rows``/``cols``
+        describe one matrix and ``nbytes`` counts all ``n``."""
+        info = self._info(name, (n, rows, cols))
+        return QTensor(name, self.gguf.raw(info), info.ggml_type, rows, cols)

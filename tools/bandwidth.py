@@ -118,10 +118,13 @@ def _fill_serial(a, value):
 
 
 def read_kernel_asm() -> str:
-    """Assembly of the compiled read kernel (to check it uses vector loads)."""
-    a = np.ones(64)
-    _read_kernel(a, 1)
-    return "\n".join(_read_kernel.inspect_asm().values())
+    """Assembly of the read kernel (to check it uses vector loads), from a fresh uncached copy
+    compiled with the same flags: numba cannot inspect code loaded from its cache."""
+    import numba
+    opts = {k: v for k, v in _read_kernel.targetoptions.items() if k not in ("cache", "nopython")}
+    fresh = numba.njit(**opts)(_read_kernel.py_func)
+    fresh(np.ones(64), 1)
+    return "\n".join(fresh.inspect_asm().values())
 
 
 # -- machine identity and cache ----------------------------------------------------------------

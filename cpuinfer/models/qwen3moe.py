@@ -1,0 +1,191 @@
+"""The qwen3moe family (Qwen3-MoE): GQA attention whose q and k heads are RMS-normed before a
+NEOX RoPE, and a mixture-of-experts FFN in every block — softmax over the router logits, the
+``expert_used_count`` best experts, their probabilities renormalized to sum 1 (llama.cpp fixes
+this for qwen3moe; ``expert_weights_norm`` may override it), no shared experts.
+
+Attention settings (heads, head size, rope) come from :class:`cpuinfer.models.llama.Config`; the
+routed experts run through :func:`cpuinfer.moe.moe_ffn`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import ops
+from ..arch import ArchInfo, Key, Tn, tensor_name
+from ..gguf import GGUFFile
+from ..moe import Gating, MoeBuffers, MoeConfig, MoeWeights, moe_ffn
+from ..weights import QTensor, TensorLoader
+from . import llama
+from .llama import _meta
+
+
+@dataclass(frozen=True)
+class Config:
+    attn: llama.Config           # dims, heads, rope, eps, vocab
+    moe: MoeConfig
+
+    @classmethod
+    def from_gguf(cls, g: GGUFFile, info: ArchInfo) -> "Config":
+        a = info.name
+        moe = MoeConfig(
+            n_expert=_meta(g, a, Key.EXPERT_COUNT), n_used=_meta(g, a, Key.EXPERT_USED_COUNT),
+            n_ff=_meta(g, a, Key.EXPERT_FEED_FORWARD_LENGTH),
+            gating=Gating(_meta(g, a, Key.EXPERT_GATING_FUNC, int(Gating.SOFTMAX))),
+            norm_w=bool(g.get(Key.EXPERT_WEIGHTS_NORM.of(a), True)),
+            w_scale=float(g.get(Key.EXPERT_WEIGHTS_SCALE.of(a), 0.0)) or 1.0)
+        moe.validate(g.path)
+        return cls(llama.Config.from_gguf(g, info), moe)
+
+    @property
+    def n_vocab(self) -> int:
+        return self.attn.n_vocab
+
+    @property
+    def n_ctx_train(self) -> int:
+        return self.attn.n_ctx_train
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.attn.kv_bytes_per_token
+
+
+@dataclass(frozen=True)
+class Layer:
+    attn_norm: np.ndarray
+    wq: QTensor                  # [n_head·hd, d]
+    wk: QTensor                  # [n_kv·hd, d]
+    wv: QTensor                  # [n_kv·hd, d]
+    q_norm: np.ndarray           # [hd]
+    k_norm: np.ndarray           # [hd]
+    wo: QTensor                  # [d, n_head·hd]
+    ffn_norm: np.ndarray
+    moe: MoeWeights
+
+
+@dataclass(frozen=True)
+class Weights:
+    token_embd: QTensor
+    layers: tuple[Layer, ...]
+    output_norm: np.ndarray
+    output: QTensor
+    n_used: int
+
+    @classmethod
+    def from_gguf(cls, t: TensorLoader, c: Config) -> "Weights":
+        a, m = c.attn, c.moe
+        d, hd = a.d_model, a.head_dim
+        q_dim, kv_dim = a.n_head * hd, a.n_head_kv * hd
+        layers = []
+        for i in range(a.n_layer):
+            def name(tn, suffix="weight"):
+                return tensor_name(tn, i, suffix)
+            bias_name = name(Tn.FFN_EXP_PROBS_B, "bias")
+            layers.append(Layer(
+                attn_norm=t.vector(name(Tn.ATTN_NORM), d),
+                wq=t.matrix(name(Tn.ATTN_Q), q_dim, d),
+                wk=t.matrix(name(Tn.ATTN_K), kv_dim, d),
+                wv=t.matrix(name(Tn.ATTN_V), kv_dim, d),
+                q_norm=t.vector(name(Tn.ATTN_Q_NORM), hd),
+                k_norm=t.vector(name(Tn.ATTN_K_NORM), hd),
+                wo=t.matrix(name(Tn.ATTN_OUT), d, q_dim),
+                ffn_norm=t.vector(name(Tn.FFN_NORM), d),
+                moe=MoeWeights(
+                    gate_inp=t.matrix(name(Tn.FFN_GATE_INP), m.n_expert, d),
+                    probs_b=(t.vector(bias_name, m.n_expert) if t.has(bias_name)
+                             else np.zeros(m.n_expert, np.float32)),
+                    gate=t.stacked(name(Tn.FFN_GATE_EXPS), m.n_expert, m.n_ff, d),
+                    up=t.stacked(name(Tn.FFN_UP_EXPS), m.n_expert, m.n_ff, d),
+                    down=t.stacked(name(Tn.FFN_DOWN_EXPS), m.n_expert, d, m.n_ff))))
+        embd = t.matrix(tensor_name(Tn.TOKEN_EMBD), a.n_vocab, d)
+        out_name = tensor_name(Tn.OUTPUT)
+        output = t.matrix(out_name, a.n_vocab, d) if t.has(out_name) else embd
+        return cls(embd, tuple(layers), t.vector(tensor_name(Tn.OUTPUT_NORM), d), output, m.n_used)
+
+    def streamed_bytes(self) -> int:
+        """Attention and router bytes, the routed experts' bytes × n_used / n_expert, the output
+        head and one embedding row."""
+        total = self.output.nbytes + self.token_embd.raw.shape[-1]
+        for L in self.layers:
+            total += sum(m.nbytes for m in (L.wq, L.wk, L.wv, L.wo, L.moe.gate_inp))
+            total += L.moe.routed_bytes() * self.n_used // L.moe.gate.raw.shape[0]
+        return total
+
+
+class State:
+    """Activation buffers for up to ``n_batch`` tokens, allocated once."""
+
+    def __init__(self, c: Config, w: Weights, n_batch: int):
+        a = c.attn
+        f32 = np.float32
+        q_dim, kv_dim = a.n_head * a.head_dim, a.n_head_kv * a.head_dim
+        self.n_batch = n_batch
+        self.tokens = np.zeros(n_batch, np.int64)
+        self.x = np.zeros((n_batch, a.d_model), f32)
+        self.xb = np.zeros((n_batch, a.d_model), f32)
+        self.xo = np.zeros((n_batch, a.d_model), f32)
+        self.q = np.zeros((n_batch, q_dim), f32)
+        self.k = np.zeros((n_batch, kv_dim), f32)
+        self.v = np.zeros((n_batch, kv_dim), f32)
+        self.att = np.zeros((n_batch, q_dim), f32)
+        self.logits = np.zeros((1, a.n_vocab), f32)
+        self.moe = MoeBuffers(c.moe, a.d_model, n_batch, [L.moe for L in w.layers])
+
+
+def forward(c: Config, w: Weights, s: State, kv: llama.KVCache, rope_cs, n: int, p0: int,
+            logits_out: np.ndarray) -> None:
+    """Run tokens ``s.tokens[:n]`` at positions p0..p0+n-1; logits of the last
+    ``len(logits_out)`` tokens into ``logits_out`` [m, vocab]."""
+    a = c.attn
+    cos, sin = rope_cs
+    hd, nh, nkv = a.head_dim, a.n_head, a.n_head_kv
+    x, xb, xo = s.x[:n], s.xb[:n], s.xo[:n]
+    q, k, v, att = s.q[:n], s.k[:n], s.v[:n], s.att[:n]
+    scale = 1.0 / np.sqrt(hd)
+
+    w.token_embd.get_rows(s.tokens[:n], x)
+    for li, L in enumerate(w.layers):
+        ops.rmsnorm(x, L.attn_norm, a.rms_eps, xb)
+        L.wq.matmul(xb, q)
+        L.wk.matmul(xb, k)
+        L.wv.matmul(xb, v)
+        qh, kh = q.reshape(n * nh, hd), k.reshape(n * nkv, hd)
+        ops.rmsnorm(qh, L.q_norm, a.rms_eps, qh)                      # per-head q/k norms
+        ops.rmsnorm(kh, L.k_norm, a.rms_eps, kh)
+        q3, k3 = q.reshape(n, nh, hd), k.reshape(n, nkv, hd)
+        ops.rope(q3, cos, sin, p0, a.rope_type)
+        ops.rope(k3, cos, sin, p0, a.rope_type)
+        kv.k[li, p0:p0 + n] = k3
+        kv.v[li, p0:p0 + n] = v.reshape(n, nkv, hd)
+        ops.attention(q3, kv.k[li], kv.v[li], p0, scale, att.reshape(n, nh, hd))
+        L.wo.matmul(att, xo)
+        x += xo
+        ops.rmsnorm(x, L.ffn_norm, a.rms_eps, xb)
+        moe_ffn(c.moe, L.moe, xb, xo, s.moe)
+        x += xo
+    m = logits_out.shape[0]
+    xl = xb[n - m:]
+    ops.rmsnorm(x[n - m:], w.output_norm, a.rms_eps, xl)
+    w.output.matmul(xl, logits_out)
+
+
+class Family:
+    """What the runtime needs from an architecture family, bound to one loaded file."""
+
+    def __init__(self, g: GGUFFile, info: ArchInfo, loader: TensorLoader):
+        self.config = Config.from_gguf(g, info)
+        self.weights = Weights.from_gguf(loader, self.config)
+
+    def new_cache(self, n_ctx: int) -> llama.KVCache:
+        return llama.KVCache(self.config.attn, n_ctx)
+
+    def new_state(self, n_batch: int) -> State:
+        return State(self.config, self.weights, n_batch)
+
+    def rope_tables(self, n_ctx: int):
+        a = self.config.attn
+        return ops.rope_table(n_ctx, a.rope_dims, a.rope_base, a.rope_freq_scale)
+
+    def forward(self, state, cache, rope_cs, n, p0, logits_out):
+        forward(self.config, self.weights, state, cache, rope_cs, n, p0, logits_out)

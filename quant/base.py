@@ -108,6 +108,66 @@ def _native_half() -> bool:
 half_bits_to_f32 = _half_bits_to_f32 if _native_half() else _half_bits_to_f32_portable
 
 
+@intrinsic
+def _f32_to_half_bits(typingctx, x):
+    """float32 -> IEEE half bits (uint16), round to nearest even, via LLVM ``fptrunc``."""
+    if not isinstance(x, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if x.bitwidth > 32:
+            v = builder.fptrunc(v, ir.FloatType())
+        h = builder.fptrunc(v, ir.HalfType())
+        return builder.bitcast(h, ir.IntType(16))
+
+    return types.uint16(x), codegen
+
+
+@intrinsic
+def f32_to_bits(typingctx, x):
+    """Reinterpret a float32 as its uint32 bit pattern."""
+    if not isinstance(x, types.Float) or x.bitwidth != 32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(x), codegen
+
+
+@kernel
+def _f32_to_half_bits_portable(x):
+    """float32 -> IEEE half bits by integer arithmetic (round to nearest even), without F16C."""
+    bits = np.int64(f32_to_bits(np.float32(x)))
+    sign = (bits >> 16) & 0x8000
+    e = ((bits >> 23) & 0xFF) - 127 + 15
+    m = bits & 0x7FFFFF
+    if ((bits >> 23) & 0xFF) == 0xFF:                       # inf / nan
+        return np.uint16(sign | 0x7C00 | (0x200 if m else 0))
+    if e >= 31:                                              # overflow -> inf
+        return np.uint16(sign | 0x7C00)
+    if e <= 0:                                               # subnormal half or zero
+        if e < -10:
+            return np.uint16(sign)
+        m = m | 0x800000
+        shift = 14 - e
+        half_m = m >> shift
+        rem = m & ((1 << shift) - 1)
+        mid = 1 << (shift - 1)
+        if rem > mid or (rem == mid and (half_m & 1)):
+            half_m += 1
+        return np.uint16(sign | half_m)
+    half = (e << 10) | (m >> 13)
+    rem = m & 0x1FFF
+    if rem > 0x1000 or (rem == 0x1000 and (half & 1)):
+        half += 1                                            # may carry into the exponent: still right
+    return np.uint16(sign | half)
+
+
+f32_to_half_bits = _f32_to_half_bits if _native_half() else _f32_to_half_bits_portable
+
+
 @kernel
 def load_f16(buf, pos):
     """float32 value of the little-endian IEEE half at ``buf[pos:pos + 2]`` (uint8 array)."""

@@ -13,7 +13,8 @@ compiled call::
 
 The legacy block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) multiply with int8 activations: each
 token's activations are quantized once per call into ``scratch`` (see :func:`act_scratch_bytes`),
-then every row is an integer dot product (llama.cpp's ``vec_dot_q4_1_q8_1`` scheme). The other
+then every row is an integer dot product (llama.cpp's ``vec_dot_q4_1_q8_1`` scheme; Q8_0, Q4_0 and
+Q4_1 use the AVX2 kernels of :mod:`quant.avx2` when the CPU has AVX2). The other
 formats use the float-activation ``_dot_<f>`` row functions.
 
 Scratch layout per token (bytes, ``nb = k / 32``)::
@@ -33,9 +34,17 @@ from numba import prange
 
 from cpuinfer.gguf import GGMLType
 
-from . import floats, kquants, legacy
+from . import avx2, floats, kquants, legacy
 from .jit import kernel, parallel_kernel
 from .legacy import QK, quantize_act_q8
+
+# Row dots on int8 activations for the hot formats: AVX2 (vpmaddubsw) where the CPU has it,
+# else the portable numba loops. Chosen once at import; numba's cache is keyed per CPU.
+if avx2.HAVE_AVX2:
+    _idot_q8_0, _idot_q4_0, _idot_q4_1 = (avx2.idot_q8_0_avx2, avx2.idot_q4_0_avx2,
+                                          avx2.idot_q4_1_avx2)
+else:
+    _idot_q8_0, _idot_q4_0, _idot_q4_1 = legacy._idot_q8_0, legacy._idot_q4_0, legacy._idot_q4_1
 
 _F32 = int(GGMLType.F32)
 _F16 = int(GGMLType.F16)
@@ -105,11 +114,11 @@ def dot_row(qtype, row, x):
 def idot_row(qtype, row, xq, xd, xs):
     """Dot of one legacy-format row with int8 activations (see :func:`quantize_act_q8`)."""
     if qtype == _Q8_0:
-        return legacy._idot_q8_0(row, xq, xd, xs)
+        return _idot_q8_0(row, xq, xd, xs)
     if qtype == _Q4_0:
-        return legacy._idot_q4_0(row, xq, xd, xs)
+        return _idot_q4_0(row, xq, xd, xs)
     if qtype == _Q4_1:
-        return legacy._idot_q4_1(row, xq, xd, xs)
+        return _idot_q4_1(row, xq, xd, xs)
     if qtype == _Q5_0:
         return legacy._idot_q5_0(row, xq, xd, xs)
     if qtype == _Q5_1:

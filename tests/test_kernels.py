@@ -15,7 +15,7 @@ from cpuinfer.errors import CpuinferError
 from cpuinfer.gguf import GGMLType, open_gguf
 from quant import (FORMATS, SUPPORTED_TYPES, check_supported, dequantize, get_rows, matmul,
                    row_bytes, scratch_size)
-from quant import kernels, legacy
+from quant import avx2, kernels, legacy
 from quant.jit import get_threads, max_threads, set_threads
 from quant_helpers import random_matrix
 
@@ -219,16 +219,34 @@ def test_real_q8_0_tensors_from_fixture():
 _VECTOR_OP = re.compile(r"\bv(pmaddwd|pmaddubsw|pdpwssd|pdpbusd|pmulld|fmadd\w*ps)\b[^\n]*%[yz]mm")
 
 
-@pytest.mark.skipif(not llvm.get_host_cpu_features().get("avx2", False), reason="needs AVX2")
-@pytest.mark.parametrize("name", ["_idot_q8_0", "_idot_q4_0", "_idot_q4_1"])
-def test_hot_dots_are_vectorized(name):
-    # compile a fresh, uncached copy with the same flags: numba cannot inspect cached code
-    cached = getattr(legacy, name)
+def _fresh_asm(cached, t) -> str:
+    """Assembly of a fresh, uncached copy (numba cannot inspect code loaded from its cache)."""
     fn = numba.njit(**{k: v for k, v in cached.targetoptions.items() if k != "cache"})(cached.py_func)
-    t = {"_idot_q8_0": GGMLType.Q8_0, "_idot_q4_0": GGMLType.Q4_0, "_idot_q4_1": GGMLType.Q4_1}[name]
     w = random_matrix(np.random.default_rng(0), t, 1, 64)[0]
-    xq, xd, xs = np.zeros(64, np.int8), np.ones(2, np.float32), np.zeros(2, np.float32)
-    fn(w, xq, xd, xs)
-    asm = "\n".join(fn.inspect_asm().values())
-    hits = _VECTOR_OP.findall(asm)
-    assert hits, f"{name}: no packed integer multiply-add on ymm/zmm registers"
+    fn(w, np.zeros(64, np.int8), np.ones(2, np.float32), np.zeros(2, np.float32))
+    return "\n".join(fn.inspect_asm().values())
+
+
+HOT = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_1": GGMLType.Q4_1}
+
+
+@pytest.mark.skipif(not llvm.get_host_cpu_features().get("avx2", False), reason="needs AVX2")
+@pytest.mark.parametrize("name", list(HOT))
+def test_portable_hot_dots_are_vectorized(name):
+    asm = _fresh_asm(getattr(legacy, f"_idot_{name}"), HOT[name])
+    assert _VECTOR_OP.search(asm), f"_idot_{name}: no packed integer multiply-add on ymm/zmm"
+
+
+@pytest.mark.skipif(not avx2.HAVE_AVX2, reason="needs AVX2")
+@pytest.mark.parametrize("name", list(HOT))
+def test_avx2_hot_dots_use_byte_multiply_add(name):
+    asm = _fresh_asm(getattr(avx2, f"idot_{name}_avx2"), HOT[name])
+    assert re.search(r"\bvpmaddubsw\b[^\n]*%ymm", asm)
+    assert re.search(r"\bvfmadd\w*ps\b[^\n]*%ymm", asm)
+
+
+def test_matmul_dispatches_hot_formats_to_avx2_when_available():
+    expect = avx2.HAVE_AVX2
+    assert (kernels._idot_q4_1 is avx2.idot_q4_1_avx2) == expect
+    assert (kernels._idot_q8_0 is avx2.idot_q8_0_avx2) == expect
+    assert (kernels._idot_q4_0 is avx2.idot_q4_0_avx2) == expect

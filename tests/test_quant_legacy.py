@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cpuinfer.gguf import GGMLType
-from quant import FORMATS, legacy
+from quant import FORMATS, avx2, legacy
 from quant_helpers import random_blocks
 
 TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1,
@@ -103,3 +103,26 @@ def test_integer_dot_within_activation_rounding_bound(t, rng):
     # ... and within the rounding bound of the true activations
     bound = (xd.astype(np.float64) / 2) @ np.abs(w.reshape(nb, 32)).sum(axis=1)
     assert abs(got - w @ x) <= bound * 1.001 + 1e-5 * scale
+
+
+@pytest.mark.skipif(not avx2.HAVE_AVX2, reason="CPU lacks AVX2")
+@pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("nb", [1, 2, 7, 64])
+def test_avx2_dot_matches_portable(t, nb, rng):
+    blocks = random_blocks(rng, t, nb)
+    if t == GGMLType.Q8_0:
+        blocks[0, 2:6] = [0x80, 0x7F, 0x81, 0x00]     # -128, 127, -127, 0: the sign-trick edges
+    x = rng.standard_normal(nb * 32).astype(np.float32) * 3
+    xq, xd, xs = np.empty(nb * 32, np.int8), np.empty(nb, np.float32), np.empty(nb, np.float32)
+    legacy.quantize_act_q8(x, xq, xd, xs)
+    xq[:4] = [127, -127, -127, 5]                    # extremes; keep xs consistent with xq
+    xs[:] = xd * xq.reshape(nb, 32).sum(axis=1, dtype=np.int32).astype(np.float32)
+    row = blocks.reshape(-1)
+    name = t.name.lower()
+    fast = getattr(avx2, f"idot_{name}_avx2")(row, xq, xd, xs)
+    slow = getattr(legacy, f"_idot_{name}")(row, xq, xd, xs)
+    w = FORMATS[t].dequantize_ref(blocks).reshape(-1).astype(np.float64)
+    xr = (xq.reshape(nb, 32) * xd[:, None].astype(np.float64)).reshape(-1)
+    scale = np.abs(w) @ np.abs(xr)
+    assert abs(fast - w @ xr) <= 1e-5 * scale
+    assert abs(fast - slow) <= 2e-5 * scale

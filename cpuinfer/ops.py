@@ -1,5 +1,5 @@
 """Compiled per-token operations other than the weight mat-muls: RMSNorm, RoPE, causal
-attention over the KV cache, SwiGLU. Each is a private ``@njit`` kernel over preallocated
+attention over the f16 KV cache, SwiGLU. Each is a private ``@njit`` kernel over preallocated
 arrays: nothing here allocates.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ import math
 import numpy as np
 from numba import prange
 
+from quant.base import f32_to_half_bits, half_bits_to_f32
 from quant.jit import fast_kernel, fast_parallel_kernel
 
 from .arch import RopeType
@@ -68,44 +69,62 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, p0: int, rope_type: Ro
     _rope(x, cos, sin, p0, rope_type is RopeType.NEOX)
 
 
-@fast_parallel_kernel
-def attention(q, k_cache, v_cache, p0, scale, out):
-    """Causal multi-head attention with grouped K/V heads, one pass with an online softmax.
+@fast_kernel
+def store_f16(src, dst):
+    """dst[...] = half(src[...]) for matching float32 / uint16 (IEEE half bits) arrays [n, heads, d]."""
+    n, h, d = src.shape
+    for t in range(n):
+        for j in range(h):
+            for i in range(d):
+                dst[t, j, i] = f32_to_half_bits(src[t, j, i])
 
-    q: [n, n_head, hd_k] for tokens at positions p0..p0+n-1; k_cache: [ctx, n_kv, hd_k] and
-    v_cache: [ctx, n_kv, hd_v] already hold positions 0..p0+n-1; out: [n, n_head, hd_v].
-    Query head h reads K/V head h // (n_head / n_kv). No score buffer: running max and sum.
+
+@fast_parallel_kernel
+def attention(q, k_cache, v_cache, p0, scale, scores, qh, out):
+    """Causal multi-head attention over an f16 KV cache, with grouped K/V heads.
+
+    q: [n, n_head, hd_k] float32 for tokens at positions p0..p0+n-1; k_cache [ctx, n_kv, hd_k] and
+    v_cache [ctx, n_kv, hd_v] hold IEEE-half bits (uint16) of positions 0..p0+n-1;
+    out: [n, n_head, hd_v]. Query head h reads K/V head h // (n_head / n_kv).
+    Scratch: scores [n_head, ctx], qh [n_head, hd_k] (float32).
+
+    Numerics follow ggml's f16-cache path: q is rounded to half for the q·k dot, softmax in
+    float32 with a float64 sum, and the probabilities are rounded to half for the P·V product.
     """
     n, n_head, hd = q.shape
     n_kv = k_cache.shape[1]
     hdv = v_cache.shape[2]
     group = n_head // n_kv
-    for job in prange(n * n_head):
-        t = job // n_head
-        h = job - t * n_head
+    for h in prange(n_head):
         kvh = h // group
-        for i in range(hdv):
-            out[t, h, i] = 0.0
-        m = -np.inf
-        denom = 0.0
-        for j in range(p0 + t + 1):
-            s = 0.0
+        sc = scores[h]
+        qv = qh[h]
+        for t in range(n):
+            n_keys = p0 + t + 1
             for i in range(hd):
-                s += q[t, h, i] * k_cache[j, kvh, i]
-            s *= scale
-            if s > m:
-                c = math.exp(m - s)
-                denom *= c
-                for i in range(hdv):
-                    out[t, h, i] *= c
-                m = s
-            p = math.exp(s - m)
-            denom += p
+                qv[i] = half_bits_to_f32(f32_to_half_bits(q[t, h, i]))
+            mx = -np.inf
+            for j in range(n_keys):
+                s = np.float32(0.0)
+                for i in range(hd):
+                    s += qv[i] * half_bits_to_f32(k_cache[j, kvh, i])
+                s *= scale
+                sc[j] = s
+                mx = max(mx, s)
+            total = 0.0
+            for j in range(n_keys):
+                e = math.exp(sc[j] - mx)
+                sc[j] = e
+                total += e
+            inv = np.float32(1.0 / total)
+            for j in range(n_keys):
+                sc[j] = half_bits_to_f32(f32_to_half_bits(sc[j] * inv))
             for i in range(hdv):
-                out[t, h, i] += p * v_cache[j, kvh, i]
-        inv = 1.0 / denom
-        for i in range(hdv):
-            out[t, h, i] *= inv
+                out[t, h, i] = 0.0
+            for j in range(n_keys):
+                p = sc[j]
+                for i in range(hdv):
+                    out[t, h, i] += p * half_bits_to_f32(v_cache[j, kvh, i])
 
 
 @fast_parallel_kernel

@@ -35,7 +35,7 @@ import numpy as np
 
 from cpuinfer.gguf import GGMLType
 
-from .base import QuantFormat, f16_scales, load_f16
+from .base import QuantFormat, f16_scales, f32_to_half_bits, half_bits_to_f32, load_f16
 from .jit import fast_kernel, kernel
 
 QK = 32
@@ -108,7 +108,7 @@ def _load_u32(row, pos):
 def quantize_act_q8(x, xq, xd, xs):
     """Quantize float32 activations per 32-block: ``x ≈ xd[b] * xq[32b:32b+32]``.
 
-    ``xq`` int8[k], ``xd`` float32[k/32] (scale), ``xs`` float32[k/32] (``xd · Σ xq``).
+    ``xq`` int8[k], ``xd`` float32[k/32] (scale, rounded to f16 as ggml stores it), ``xs`` float32[k/32] (``xd · Σ xq``).
     Values are rounded to nearest, so each is off by at most ``xd[b] / 2``.
     """
     nb = xd.shape[0]
@@ -116,8 +116,9 @@ def quantize_act_q8(x, xq, xd, xs):
         amax = np.float32(0.0)
         for j in range(b * QK, b * QK + QK):
             amax = max(amax, abs(x[j]))
-        d = amax / np.float32(127.0)
-        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        # as ggml's quantize_row_q8_0: id = 127/max, round half to even, scale kept as f16
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        d = half_bits_to_f32(f32_to_half_bits(amax / np.float32(127.0)))
         s = 0
         for j in range(b * QK, b * QK + QK):
             q = np.int32(np.rint(x[j] * inv))

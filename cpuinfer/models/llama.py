@@ -12,6 +12,7 @@ from .. import ops
 from ..arch import ArchInfo, Key, RopeType, Tn, tensor_name
 from ..errors import CpuinferError
 from ..gguf import GGUFFile
+from ..kvcache import KVCache
 from ..weights import QTensor, TensorLoader
 
 
@@ -77,8 +78,8 @@ class Config:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """float32 K and V for every layer: 2 × layers × kv_heads × head_dim × 4 bytes."""
-        return 2 * self.n_layer * self.n_head_kv * self.head_dim * 4
+        """f16 K and V for every layer: layers × kv_heads × 2·head_dim × 2 bytes."""
+        return KVCache.bytes_per_token(self.n_layer, self.n_head_kv, self.head_dim, self.head_dim)
 
 
 @dataclass(frozen=True)
@@ -160,16 +161,6 @@ class State:
         self.logits = np.zeros((1, c.n_vocab), f32)         # last token's logits
 
 
-class KVCache:
-    """K and V of every layer for ``n_ctx`` positions, float32, allocated once per context."""
-
-    def __init__(self, c: Config, n_ctx: int):
-        shape = (c.n_layer, n_ctx, c.n_head_kv, c.head_dim)
-        self.n_ctx = n_ctx
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
-
-
 def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: int,
             logits_out: np.ndarray) -> None:
     """Run tokens ``s.tokens[:n]`` at positions p0..p0+n-1; write the logits of the last
@@ -194,9 +185,10 @@ def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: i
         q3, k3 = q.reshape(n, nh, hd), k.reshape(n, nkv, hd)
         ops.rope(q3, cos, sin, p0, c.rope_type)                       # rotate q, k at p0..p0+n-1
         ops.rope(k3, cos, sin, p0, c.rope_type)
-        kv.k[li, p0:p0 + n] = k3                                      # cache: [ctx, nkv, hd]
-        kv.v[li, p0:p0 + n] = v.reshape(n, nkv, hd)
-        ops.attention(q3, kv.k[li], kv.v[li], p0, scale, att.reshape(n, nh, hd))  # [n, nh, hd]
+        ops.store_f16(k3, kv.k[li, p0:p0 + n])                        # cache (f16): [ctx, nkv, hd]
+        ops.store_f16(v.reshape(n, nkv, hd), kv.v[li, p0:p0 + n])
+        ops.attention(q3, kv.k[li], kv.v[li], p0, scale, kv.scores, kv.qh,
+                      att.reshape(n, nh, hd))                         # [n, nh, hd]
         L.wo.matmul(att, xo)                                          # [n, d]
         x += xo
         # feed-forward: x += W_down · (silu(xb·W_gateᵀ) ⊙ xb·W_upᵀ), xb = norm(x)
@@ -220,7 +212,8 @@ class Family:
         self.weights = Weights.from_gguf(loader, self.config)
 
     def new_cache(self, n_ctx: int) -> KVCache:
-        return KVCache(self.config, n_ctx)
+        c = self.config
+        return KVCache(c.n_layer, n_ctx, c.n_head, c.n_head_kv, c.head_dim, c.head_dim)
 
     def new_state(self, n_batch: int) -> State:
         return State(self.config, n_batch)

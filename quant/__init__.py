@@ -16,9 +16,9 @@ Formats live one family per module: :mod:`quant.floats` (F32, F16, BF16), :mod:`
 (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), :mod:`quant.kquants` (Q2_K..Q6_K). The compiled drivers, callable
 from other compiled code, are in :mod:`quant.kernels`.
 
-``matmul`` on the legacy formats quantizes the activations to int8 per 32 values (as llama.cpp
-does); the result then differs from ``x @ dequantize(W).T`` by at most
-``Σ_blocks (max|x_block| / 254) · Σ_block |w|`` per output.
+``matmul`` on the legacy formats quantizes the activations to int8 per 32 values with an f16
+scale (as llama.cpp does); the result then differs from ``x @ dequantize(W).T`` by at most
+``Σ_blocks (max|x_block| / 127) · (1/2 + 127·2^-11) · Σ_block |w|`` per output.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Compiled drivers: mat-vec / mat-mat over quantized rows, row lookup, one format switch.
 
 Formats are dispatched inside compiled code by an integer type code (``int(GGMLType.X)``) in the
-three switch functions below — the single place that knows which row function serves which
-format. (Passing compiled functions as arguments, or closing over them in factory-made kernels,
+three switch functions below (``dot_rows``, ``idot_rows``, ``dequant_row``) — the single place
+that knows which row function serves which format. The dot switches run a whole range of rows
+per dispatch, so the switch and call costs are paid per run of rows, not per row. (Passing compiled functions as arguments, or closing over them in factory-made kernels,
 defeats numba's on-disk cache; a plain integer switch caches.)
 
 Everything here is callable from other compiled code, so a whole layer can later run in one
@@ -10,6 +11,9 @@ compiled call::
 
     matmul_kernel(qtype, w, x, out, scratch)   # out[n, rows] = x[n, k] @ W.T  (parallel)
     get_rows_kernel(qtype, w, ids, out)        # out[i] = dequant(W[ids[i]])
+    dot_rows(qtype, w, r0, r1, x, out)         # serial pieces of the above, for fused kernels
+    idot_rows(qtype, w, r0, r1, xq, xd, xs, out)
+    act_tables(scratch, n, k) / quantize_act_q8(x, xq, xd, xs)
 
 The legacy block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) multiply with int8 activations: each
 token's activations are quantized once per call into ``scratch`` (see :func:`act_scratch_bytes`),
@@ -17,15 +21,14 @@ then every row is an integer dot product (llama.cpp's ``vec_dot_q4_1_q8_1`` sche
 Q4_1 use the AVX2 kernels of :mod:`quant.avx2` when the CPU has AVX2). The other
 formats use the float-activation ``_dot_<f>`` row functions.
 
-Scratch layout per token (bytes, ``nb = k / 32``)::
+Scratch layout (bytes, ``n`` tokens, ``nb = k / 32``), three row-major tables back to back::
 
-    [0, k)            xq  int8     quantized activations
-    [k, k + 4nb)      xd  float32  per-block scale
-    [k + 4nb, k + 8nb) xs float32  per-block scale · Σ xq
+    [0, n·k)                 xq  int8    [n, k]   quantized activations
+    [n·k, n·k + 4·n·nb)      xd  float32 [n, nb]  per-block scale
+    [n·k + 4·n·nb, +4·n·nb)  xs  float32 [n, nb]  per-block scale · Σ xq
 
-Note on numba's cache: a cached kernel here is not recompiled when only a module it calls
-(``legacy``, ``kquants``, ``floats``) changes; delete ``quant/__pycache__/*.nb[ic]`` after
-editing those.
+numba's cache normally tracks only a function's own file; :mod:`quant.jit` widens the stamp to all
+compiled project modules, so these kernels recompile when a format module they call changes.
 """
 from __future__ import annotations
 
@@ -79,51 +82,71 @@ def uses_q8_act(qtype):
 
 
 @kernel
-def dot_row(qtype, row, x):
-    """Dot of one quantized row (uint8[::1]) with float32 activations ``x`` (float32[::1])."""
+def dot_rows(qtype, w, r0, r1, x, out):
+    """``out[r] = W[r] · x`` for rows ``r0 <= r < r1`` of ``w`` (float32 activations ``x``).
+
+    The switch sits outside the row loop, so it costs once per run of rows, not per row.
+    """
     if qtype == _F32:
-        return floats._dot_f32(row, x)
-    if qtype == _F16:
-        return floats._dot_f16(row, x)
-    if qtype == _BF16:
-        return floats._dot_bf16(row, x)
-    if qtype == _Q8_0:
-        return legacy._dot_q8_0(row, x)
-    if qtype == _Q4_0:
-        return legacy._dot_q4_0(row, x)
-    if qtype == _Q4_1:
-        return legacy._dot_q4_1(row, x)
-    if qtype == _Q5_0:
-        return legacy._dot_q5_0(row, x)
-    if qtype == _Q5_1:
-        return legacy._dot_q5_1(row, x)
-    if qtype == _Q2_K:
-        return kquants._dot_q2_k(row, x)
-    if qtype == _Q3_K:
-        return kquants._dot_q3_k(row, x)
-    if qtype == _Q4_K:
-        return kquants._dot_q4_k(row, x)
-    if qtype == _Q5_K:
-        return kquants._dot_q5_k(row, x)
-    if qtype == _Q6_K:
-        return kquants._dot_q6_k(row, x)
-    return np.float32(np.nan)   # unreachable behind the validating wrappers
+        for r in range(r0, r1):
+            out[r] = floats._dot_f32(w[r], x)
+    elif qtype == _F16:
+        for r in range(r0, r1):
+            out[r] = floats._dot_f16(w[r], x)
+    elif qtype == _BF16:
+        for r in range(r0, r1):
+            out[r] = floats._dot_bf16(w[r], x)
+    elif qtype == _Q8_0:
+        for r in range(r0, r1):
+            out[r] = legacy._dot_q8_0(w[r], x)
+    elif qtype == _Q4_0:
+        for r in range(r0, r1):
+            out[r] = legacy._dot_q4_0(w[r], x)
+    elif qtype == _Q4_1:
+        for r in range(r0, r1):
+            out[r] = legacy._dot_q4_1(w[r], x)
+    elif qtype == _Q5_0:
+        for r in range(r0, r1):
+            out[r] = legacy._dot_q5_0(w[r], x)
+    elif qtype == _Q5_1:
+        for r in range(r0, r1):
+            out[r] = legacy._dot_q5_1(w[r], x)
+    elif qtype == _Q2_K:
+        for r in range(r0, r1):
+            out[r] = kquants._dot_q2_k(w[r], x)
+    elif qtype == _Q3_K:
+        for r in range(r0, r1):
+            out[r] = kquants._dot_q3_k(w[r], x)
+    elif qtype == _Q4_K:
+        for r in range(r0, r1):
+            out[r] = kquants._dot_q4_k(w[r], x)
+    elif qtype == _Q5_K:
+        for r in range(r0, r1):
+            out[r] = kquants._dot_q5_k(w[r], x)
+    elif qtype == _Q6_K:
+        for r in range(r0, r1):
+            out[r] = kquants._dot_q6_k(w[r], x)
 
 
 @kernel
-def idot_row(qtype, row, xq, xd, xs):
-    """Dot of one legacy-format row with int8 activations (see :func:`quantize_act_q8`)."""
+def idot_rows(qtype, w, r0, r1, xq, xd, xs, out):
+    """``out[r] = W[r] · x`` for rows ``r0 <= r < r1``, legacy formats, int8 activations
+    (``xq``, ``xd``, ``xs`` as made by :func:`quant.legacy.quantize_act_q8`)."""
     if qtype == _Q8_0:
-        return _idot_q8_0(row, xq, xd, xs)
-    if qtype == _Q4_0:
-        return _idot_q4_0(row, xq, xd, xs)
-    if qtype == _Q4_1:
-        return _idot_q4_1(row, xq, xd, xs)
-    if qtype == _Q5_0:
-        return legacy._idot_q5_0(row, xq, xd, xs)
-    if qtype == _Q5_1:
-        return legacy._idot_q5_1(row, xq, xd, xs)
-    return np.float32(np.nan)   # unreachable: uses_q8_act(qtype) is checked first
+        for r in range(r0, r1):
+            out[r] = _idot_q8_0(w[r], xq, xd, xs)
+    elif qtype == _Q4_0:
+        for r in range(r0, r1):
+            out[r] = _idot_q4_0(w[r], xq, xd, xs)
+    elif qtype == _Q4_1:
+        for r in range(r0, r1):
+            out[r] = _idot_q4_1(w[r], xq, xd, xs)
+    elif qtype == _Q5_0:
+        for r in range(r0, r1):
+            out[r] = legacy._idot_q5_0(w[r], xq, xd, xs)
+    elif qtype == _Q5_1:
+        for r in range(r0, r1):
+            out[r] = legacy._idot_q5_1(w[r], xq, xd, xs)
 
 
 @kernel
@@ -168,20 +191,20 @@ def act_scratch_bytes(qtype, n, k):
 
 
 @kernel
-def act_views(scratch, t, k):
-    """(xq int8[k], xd float32[k/32], xs float32[k/32]) of token ``t`` inside ``scratch``."""
+def act_tables(scratch, n, k):
+    """(xq int8[n, k], xd float32[n, k/32], xs float32[n, k/32]) laid out in ``scratch``."""
     nb = k // QK
-    base = t * (k + 8 * nb)
-    xq = scratch[base:base + k].view(np.int8)
-    xd = scratch[base + k:base + k + 4 * nb].view(np.float32)
-    xs = scratch[base + k + 4 * nb:base + k + 8 * nb].view(np.float32)
+    q_end = n * k
+    d_end = q_end + 4 * n * nb
+    xq = scratch[:q_end].view(np.int8).reshape((n, k))
+    xd = scratch[q_end:d_end].view(np.float32).reshape((n, nb))
+    xs = scratch[d_end:d_end + 4 * n * nb].view(np.float32).reshape((n, nb))
     return xq, xd, xs
 
 
 # --- drivers ---------------------------------------------------------------------------------
 
-ROW_TILE = 16      # rows per task in the mat-mat loop: their bytes stay in L1/L2 ...
-TOKEN_TILE = 8     # ... while this many tokens' activations are multiplied against them
+ROW_TILE = 16      # rows per parallel task; their bytes stay in L1 while all tokens use them
 
 
 @parallel_kernel
@@ -189,46 +212,42 @@ def matmul_kernel(qtype, w, x, out, scratch):
     """``out[t, r] = Σ_j x[t, j] · W[r, j]`` for uint8 rows ``w[rows, row_bytes]``.
 
     ``x`` float32[n, k], ``out`` float32[n, rows], ``scratch`` uint8 of at least
-    ``act_scratch_bytes(qtype, n, k)`` bytes (unused for float-activation formats). n == 1 is a
-    mat-vec parallel over rows; n > 1 walks tiles of ROW_TILE rows × TOKEN_TILE tokens so each
-    weight row is fetched from memory once per tile of tokens.
+    ``act_scratch_bytes(qtype, n, k)`` bytes (unused for float-activation formats). Parallel over
+    chunks of ROW_TILE rows; with n > 1 every token is multiplied with a chunk while its bytes are
+    in L1, so each weight row is fetched from memory once per call.
     """
     n, k = x.shape
     rows = w.shape[0]
     q8 = uses_q8_act(qtype)
+    xq, xd, xs = act_tables(scratch, n if q8 else 0, k)
     if q8:
         if n < 4:
             for t in range(n):
-                xq, xd, xs = act_views(scratch, t, k)
-                quantize_act_q8(x[t], xq, xd, xs)
+                quantize_act_q8(x[t], xq[t], xd[t], xs[t])
         else:
             for t in prange(n):
-                xq, xd, xs = act_views(scratch, t, k)
-                quantize_act_q8(x[t], xq, xd, xs)
+                quantize_act_q8(x[t], xq[t], xd[t], xs[t])
+    n_chunks = (rows + ROW_TILE - 1) // ROW_TILE
     if n == 1:
+        out0 = out[0]
         if q8:
-            xq, xd, xs = act_views(scratch, 0, k)
-            for r in prange(rows):
-                out[0, r] = idot_row(qtype, w[r], xq, xd, xs)
+            xq0, xd0, xs0 = xq[0], xd[0], xs[0]
+            for c in prange(n_chunks):
+                idot_rows(qtype, w, c * ROW_TILE, min(rows, c * ROW_TILE + ROW_TILE), xq0, xd0,
+                          xs0, out0)
         else:
             x0 = x[0]
-            for r in prange(rows):
-                out[0, r] = dot_row(qtype, w[r], x0)
+            for c in prange(n_chunks):
+                dot_rows(qtype, w, c * ROW_TILE, min(rows, c * ROW_TILE + ROW_TILE), x0, out0)
         return
-    n_tiles = (rows + ROW_TILE - 1) // ROW_TILE
-    for tile in prange(n_tiles):
-        r0 = tile * ROW_TILE
+    for c in prange(n_chunks):
+        r0 = c * ROW_TILE
         r1 = min(rows, r0 + ROW_TILE)
-        for t0 in range(0, n, TOKEN_TILE):
-            t1 = min(n, t0 + TOKEN_TILE)
-            for r in range(r0, r1):
-                wr = w[r]
-                for t in range(t0, t1):
-                    if q8:
-                        xq, xd, xs = act_views(scratch, t, k)
-                        out[t, r] = idot_row(qtype, wr, xq, xd, xs)
-                    else:
-                        out[t, r] = dot_row(qtype, wr, x[t])
+        for t in range(n):          # ROW_TILE rows' bytes stay in L1 across the tokens
+            if q8:
+                idot_rows(qtype, w, r0, r1, xq[t], xd[t], xs[t], out[t])
+            else:
+                dot_rows(qtype, w, r0, r1, x[t], out[t])
 
 
 @kernel

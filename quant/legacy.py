@@ -17,11 +17,11 @@ Three kinds of functions per format ``<f>``:
 * ``_dequant_row_<f>(row, out)`` and ``_dot_<f>(row, x)`` — compiled, float32 activations;
 * ``_idot_<f>(row, xq, xd, xs)`` — the fast integer dot used by the mat-vec driver. The
   activations are first quantized per 32-block by :func:`quantize_act_q8`: ``x ≈ xd[b] * xq``
-  with int8 ``xq`` (|xq| ≤ 127), ``xd[b] = max|x| / 127`` and ``xs[b] = xd[b] * Σ xq`` (as in
-  llama.cpp's ``vec_dot_q4_1_q8_1``). Each block then costs one int32 dot product:
+  with int8 ``xq`` (|xq| ≤ 127), ``xd[b] = max|x| / 127`` (rounded to f16, as ggml's
+  ``quantize_row_q8_0``) and ``xs[b] = xd[b] * Σ xq`` (as in llama.cpp's ``vec_dot_q4_1_q8_1``). Each block then costs one int32 dot product:
   ``Q4_0: d·(xd·Σ q·xq − 8·xs)``, ``Q4_1: d·xd·Σ q·xq + m·xs`` (unsigned nibbles times signed
   bytes; the offsets come out of the per-block sums). The error against float activations is at
-  most ``Σ_blocks xd/2 · Σ|w|`` (rounding of each activation to the int8 grid).
+  most ``Σ_blocks D·(1/2 + 127·2^-11) · Σ|w|`` with ``D = max|x_block| / 127``.
 
 Vectorization notes (see ``inspect_asm``): block and element indices are ``uint64`` so numba
 emits no negative-index wraparound code, the inner trip count comes from array shapes rather than
@@ -108,8 +108,9 @@ def _load_u32(row, pos):
 def quantize_act_q8(x, xq, xd, xs):
     """Quantize float32 activations per 32-block: ``x ≈ xd[b] * xq[32b:32b+32]``.
 
-    ``xq`` int8[k], ``xd`` float32[k/32] (scale, rounded to f16 as ggml stores it), ``xs`` float32[k/32] (``xd · Σ xq``).
-    Values are rounded to nearest, so each is off by at most ``xd[b] / 2``.
+    ``xq`` int8[k], ``xd`` float32[k/32] (scale, rounded to f16 as ggml stores it),
+    ``xs`` float32[k/32] (``xd · Σ xq``). With ``D = max|x_block| / 127`` each value is off by at
+    most ``D · (1/2 + 127 · 2^-11)``: half a step plus the half-precision rounding of the scale.
     """
     nb = xd.shape[0]
     for b in range(nb):

@@ -38,6 +38,7 @@ from .. import ops
 from ..arch import ArchInfo, Key, RopeType, Tn, tensor_name
 from ..errors import CpuinferError
 from ..gguf import GGUFFile
+from ..kvcache import BYTES_PER_VALUE
 from ..moe import Gating, MoeBuffers, MoeConfig, MoeWeights, moe_ffn
 from ..weights import QTensor, TensorLoader
 from .llama import _meta
@@ -133,8 +134,8 @@ class Config:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """float32 latent + rope key for every layer: layers × (kv_lora + rope) × 4 bytes."""
-        return self.n_layer * self.kv_width * 4
+        """f16 latent + rope key for every layer: layers × (kv_lora + rope) × 2 bytes."""
+        return self.n_layer * self.kv_width * BYTES_PER_VALUE
 
     @property
     def yarn_attn_factor(self) -> float:
@@ -303,12 +304,19 @@ class State:
 
 
 class KVCache:
-    """Per layer and position the normed latent (kv_lora) and the rotated rope key: float32
-    [n_layer, n_ctx, kv_lora + rope], allocated once per context."""
+    """Per layer and position the normed latent (kv_lora) and the rotated rope key as IEEE half
+    bits: uint16 [n_layer, n_ctx, kv_lora + rope] (llama.cpp's f16 cache), allocated once per
+    context, plus the attention scratch (a score row and a half-rounded query per head)."""
 
     def __init__(self, c: Config, n_ctx: int):
         self.n_ctx = n_ctx
-        self.kv = np.zeros((c.n_layer, n_ctx, c.kv_width), np.float32)
+        self.kv = np.zeros((c.n_layer, n_ctx, c.kv_width), np.uint16)
+        self.scores = np.zeros((c.n_head, n_ctx), np.float32)
+        self.qh = np.zeros((c.n_head, c.kv_width), np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes
 
 
 @kernel
@@ -358,20 +366,18 @@ def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: i
         else:
             L.wq.matmul(xb, q)
         L.wkv_a.matmul(xb, kva)                                         # [n, L + rope]
-        # cache: normed latent ‖ rotated rope key at p0..p0+n-1
-        cache = kv.kv[li]                                               # [ctx, L + rope]
-        new = cache[p0:p0 + n]
-        ops.rmsnorm(kva[:, :L_], L.kv_a_norm, c.rms_eps, new[:, :L_])
-        new[:, L_:] = kva[:, L_:]
-        ops.rope(new[:, None, L_:], cos, sin, p0, c.rope_type)
+        # cache (f16): normed latent ‖ rotated rope key at p0..p0+n-1
+        ops.rmsnorm(kva[:, :L_], L.kv_a_norm, c.rms_eps, kva[:, :L_])
+        ops.rope(kva[:, None, L_:], cos, sin, p0, c.rope_type)
+        kc = kv.kv[li].reshape(kv.n_ctx, 1, c.kv_width)                # [ctx, 1, L + rope]
+        ops.store_f16(kva.reshape(n, 1, c.kv_width), kc[p0:p0 + n])
         # query: absorbed no-rope part ‖ rotated rope part
         q3 = q.reshape(n, nh, hk)
         ops.rope(q3[:, :, c.nope:], cos, sin, p0, c.rope_type)
         _per_head_matmul(int(L.wk_b.ggml_type), L.wk_b.raw, q3[:, :, :c.nope], q_mqa[:, :, :L_],
                          s.hbuf_in, s.hbuf_out, s.head_scratch)
         q_mqa[:, :, L_:] = q3[:, :, c.nope:]
-        kc = cache.reshape(kv.n_ctx, 1, c.kv_width)
-        ops.attention(q_mqa, kc, kc[:, :, :L_], p0, kq_scale, o_lat)    # MQA over the latent cache
+        ops.attention(q_mqa, kc, kc[:, :, :L_], p0, kq_scale, kv.scores, kv.qh, o_lat)  # MQA, V = latent
         _per_head_matmul(int(L.wv_b.ggml_type), L.wv_b.raw, o_lat, att.reshape(n, nh, c.v_dim),
                          s.hbuf_in, s.hbuf_out, s.head_scratch)
         L.wo.matmul(att, xo)

@@ -15,6 +15,7 @@ import numpy as np
 from .. import ops
 from ..arch import ArchInfo, Key, Tn, tensor_name
 from ..gguf import GGUFFile
+from ..kvcache import KVCache
 from ..moe import Gating, MoeBuffers, MoeConfig, MoeWeights, moe_ffn
 from ..weights import QTensor, TensorLoader
 from . import llama
@@ -133,7 +134,7 @@ class State:
         self.moe = MoeBuffers(c.moe, a.d_model, n_batch, [L.moe for L in w.layers])
 
 
-def forward(c: Config, w: Weights, s: State, kv: llama.KVCache, rope_cs, n: int, p0: int,
+def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: int,
             logits_out: np.ndarray) -> None:
     """Run tokens ``s.tokens[:n]`` at positions p0..p0+n-1; logits of the last
     ``len(logits_out)`` tokens into ``logits_out`` [m, vocab]."""
@@ -156,9 +157,9 @@ def forward(c: Config, w: Weights, s: State, kv: llama.KVCache, rope_cs, n: int,
         q3, k3 = q.reshape(n, nh, hd), k.reshape(n, nkv, hd)
         ops.rope(q3, cos, sin, p0, a.rope_type)
         ops.rope(k3, cos, sin, p0, a.rope_type)
-        kv.k[li, p0:p0 + n] = k3
-        kv.v[li, p0:p0 + n] = v.reshape(n, nkv, hd)
-        ops.attention(q3, kv.k[li], kv.v[li], p0, scale, att.reshape(n, nh, hd))
+        ops.store_f16(k3, kv.k[li, p0:p0 + n])                       # f16 cache [ctx, nkv, hd]
+        ops.store_f16(v.reshape(n, nkv, hd), kv.v[li, p0:p0 + n])
+        ops.attention(q3, kv.k[li], kv.v[li], p0, scale, kv.scores, kv.qh, att.reshape(n, nh, hd))
         L.wo.matmul(att, xo)
         x += xo
         ops.rmsnorm(x, L.ffn_norm, a.rms_eps, xb)
@@ -177,8 +178,9 @@ class Family:
         self.config = Config.from_gguf(g, info)
         self.weights = Weights.from_gguf(loader, self.config)
 
-    def new_cache(self, n_ctx: int) -> llama.KVCache:
-        return llama.KVCache(self.config.attn, n_ctx)
+    def new_cache(self, n_ctx: int) -> KVCache:
+        a = self.config.attn
+        return KVCache(a.n_layer, n_ctx, a.n_head, a.n_head_kv, a.head_dim, a.head_dim)
 
     def new_state(self, n_batch: int) -> State:
         return State(self.config, self.weights, n_batch)

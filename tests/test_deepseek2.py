@@ -34,15 +34,16 @@ def test_naive_reference_matches_hugging_face():
     assert np.abs(ref - np.load(DATA / "hf_logits_f32model.npy")).max() <= 1e-4
 
 
-# Measured (f16 latent cache, activation quantization as in quant): Q8_0 KL 3.9e-3 top-1 0.958,
-# Q4_0 KL 1.6e-3 top-1 0.917, Q4_K_M KL 1.3e-2 top-1 0.854. The KL is carried by one or two
-# positions whose expert routing flips (sigmoid-score margins ≈ 1e-2 in this random model), and
-# the top-1 misses sit where llama.cpp's own top-2 margin is small; K-quant activations are not
-# quantized to Q8_K here (llama.cpp does), which alone moves Q4_K_M's KL from 1.3e-2 to 7.8e-3.
+# Measured with quant's ggml-faithful Q8_0 activations and the f16 latent cache: Q8_0 KL 4.6e-6
+# top-1 1.0 (median per-position KL 1e-14), Q4_0 KL 1.1e-3 top-1 0.979. Q4_K_M: KL 1.3e-2,
+# top-1 0.833, median per-position KL 1.3e-3 — the K-quant mat-muls run on float activations while
+# llama.cpp quantizes them to Q8_K; that offset flips the expert routing of positions 22 and 30
+# (KL 0.31 / 0.25) in this chaotic random model. Emulating Q8_K alone took KL to 7.8e-3 in an
+# experiment. strict: once quant quantizes K-quant activations like llama.cpp this XPASSes.
 QUANT_FILES = [
     "Q8_0",
-    pytest.param("Q4_0", marks=pytest.mark.xfail(strict=True, reason="top-1 0.917 < 0.95: near-tie margins, see comment")),
-    pytest.param("Q4_K_M", marks=pytest.mark.xfail(strict=True, reason="no Q8_K activation emulation yet, see comment")),
+    "Q4_0",
+    pytest.param("Q4_K_M", marks=pytest.mark.xfail(strict=True, reason="K-quant activations not quantized to Q8_K yet")),
 ]
 
 

@@ -17,6 +17,7 @@ them with); :data:`HAVE_AVX2` says whether this CPU can run them. Block layouts:
 """
 from __future__ import annotations
 
+import numba
 from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import types
@@ -27,6 +28,9 @@ from .jit import kernel
 
 
 def _host_has_avx2() -> bool:
+    """True when numba compiles for a CPU with AVX2 (the host, unless NUMBA_CPU_NAME says else)."""
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
+        return "+avx2" in (numba.config.CPU_FEATURES or "")
     try:
         return bool(llvm.get_host_cpu_features().get("avx2", False))
     except Exception:

@@ -20,6 +20,7 @@ import platform
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numba
 import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
@@ -99,6 +100,8 @@ def _native_half() -> bool:
     """True when LLVM converts half natively (F16C on x86; always on other targets)."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return True
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":   # e.g. a portable build
+        return "+f16c" in (numba.config.CPU_FEATURES or "")
     try:
         return bool(llvm.get_host_cpu_features().get("f16c", False))
     except Exception:

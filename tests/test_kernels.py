@@ -236,7 +236,7 @@ def _fresh_asm(cached, t) -> str:
 HOT = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_1": GGMLType.Q4_1}
 
 
-@pytest.mark.skipif(not llvm.get_host_cpu_features().get("avx2", False), reason="needs AVX2")
+@pytest.mark.skipif(not avx2.HAVE_AVX2, reason="needs AVX2 (compile target)")
 @pytest.mark.parametrize("name", list(HOT))
 def test_portable_hot_dots_are_vectorized(name):
     asm = _fresh_asm(getattr(legacy, f"_idot_{name}"), HOT[name])

@@ -8,7 +8,6 @@ import gguf
 import numba
 import numpy as np
 import pytest
-from llvmlite import binding as llvm
 
 import quant
 from cpuinfer.errors import CpuinferError

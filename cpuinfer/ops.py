@@ -10,22 +10,27 @@ import numpy as np
 from numba import prange
 
 from quant.base import f32_to_half_bits, half_bits_to_f32
-from quant.jit import fast_kernel, fast_parallel_kernel
+from quant.jit import fast_kernel, fast_parallel_kernel, parallel_kernel
 
 from .arch import RopeType
 
 
-@fast_parallel_kernel
+@parallel_kernel
 def rmsnorm(x, w, eps, out):
-    """out[t] = x[t] / sqrt(mean(x[t]²) + eps) * w   for x, out: [n, d]; w: [d]."""
+    """out[t] = x[t] · 1/sqrt(mean(x[t]²) + eps) · w   for x, out: [n, d]; w: [d].
+
+    Rounded as ggml does (squares summed in float64, the scale a float32, x·scale rounded
+    before ·w); no fast-math here so the products are not reassociated.
+    """
     n, d = x.shape
     for t in prange(n):
         ss = 0.0
         for i in range(d):
-            ss += x[t, i] * x[t, i]
-        inv = 1.0 / math.sqrt(ss / d + eps)
+            ss += np.float64(x[t, i] * x[t, i])
+        mean = np.float32(ss / d)
+        scale = np.float32(1.0) / np.float32(math.sqrt(mean + np.float32(eps)))
         for i in range(d):
-            out[t, i] = x[t, i] * inv * w[i]
+            out[t, i] = (x[t, i] * scale) * w[i]
 
 
 def rope_table(n_ctx: int, rope_dims: int, base: float, freq_scale: float = 1.0,
@@ -134,7 +139,7 @@ def swiglu(gate, up, out):
     for t in prange(n):
         for i in range(f):
             g = gate[t, i]
-            out[t, i] = g / (1.0 + math.exp(-g)) * up[t, i]
+            out[t, i] = (g / (np.float32(1.0) + np.float32(math.exp(-g)))) * up[t, i]
 
 
 @fast_kernel

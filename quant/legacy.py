@@ -18,9 +18,10 @@ Three kinds of functions per format ``<f>``:
 * ``_idot_<f>(row, xq, xd, xs)`` — the fast integer dot used by the mat-vec driver. The
   activations are first quantized per 32-block by :func:`quantize_act_q8`: ``x ≈ xd[b] * xq``
   with int8 ``xq`` (|xq| ≤ 127), ``xd[b] = max|x| / 127`` (rounded to f16, as ggml's
-  ``quantize_row_q8_0``) and ``xs[b] = xd[b] * Σ xq`` (as in llama.cpp's ``vec_dot_q4_1_q8_1``). Each block then costs one int32 dot product:
-  ``Q4_0: d·(xd·Σ q·xq − 8·xs)``, ``Q4_1: d·xd·Σ q·xq + m·xs`` (unsigned nibbles times signed
-  bytes; the offsets come out of the per-block sums). The error against float activations is at
+  ``quantize_row_q8_0``) and ``xs[b] = f16(max|x|/127 · Σ xq)`` (ggml's ``block_q8_1.s``, used by
+  ``vec_dot_q4_1_q8_1``). Each block then costs one int32 dot product:
+  ``Q4_0: d·xd·Σ (q−8)·xq``, ``Q4_1: d·xd·Σ q·xq + m·xs`` (the Q4_1/Q5_1 min term comes from the
+  per-block sum, rounded as ggml rounds it). The error against float activations is at
   most ``Σ_blocks D·(1/2 + 127·2^-11) · Σ|w|`` with ``D = max|x_block| / 127``.
 
 Vectorization notes (see ``inspect_asm``): block and element indices are ``uint64`` so numba
@@ -109,7 +110,7 @@ def quantize_act_q8(x, xq, xd, xs):
     """Quantize float32 activations per 32-block: ``x ≈ xd[b] * xq[32b:32b+32]``.
 
     ``xq`` int8[k], ``xd`` float32[k/32] (scale, rounded to f16 as ggml stores it),
-    ``xs`` float32[k/32] (``xd · Σ xq``). With ``D = max|x_block| / 127`` each value is off by at
+    ``xs`` float32[k/32] (``f16(max|x|/127 · Σ xq)``, ggml's q8_1 sum). With ``D = max|x_block| / 127`` each value is off by at
     most ``D · (1/2 + 127 · 2^-11)``: half a step plus the half-precision rounding of the scale.
     """
     nb = xd.shape[0]
@@ -126,7 +127,8 @@ def quantize_act_q8(x, xq, xd, xs):
             xq[j] = q
             s += q
         xd[b] = d
-        xs[b] = d * np.float32(s)
+        # ggml's q8_1 sum, used by Q4_1/Q5_1 for their min term: f16(d · Σq) with d unrounded
+        xs[b] = half_bits_to_f32(f32_to_half_bits(amax / np.float32(127.0) * np.float32(s)))
 
 
 # Q8_0 ----------------------------------------------------------------------------------------
@@ -210,9 +212,9 @@ def _idot_q4_0(row, xq, xd, xs):
         s = np.int32(0)
         for j in range(hb):
             v = row[po + j]
-            s = np.int32(s + np.int32(v & np.uint8(15)) * np.int32(xq[px + j])
-                         + np.int32(v >> np.uint8(4)) * np.int32(xq[px + hb + j]))
-        acc += load_f16(row, o) * (xd[b] * np.float32(s) - np.float32(8.0) * xs[b])
+            s = np.int32(s + (np.int32(v & np.uint8(15)) - np.int32(8)) * np.int32(xq[px + j])
+                         + (np.int32(v >> np.uint8(4)) - np.int32(8)) * np.int32(xq[px + hb + j]))
+        acc += load_f16(row, o) * xd[b] * np.float32(s)
     return acc
 
 
@@ -318,8 +320,9 @@ def _idot_q5_0(row, xq, xd, xs):
             v = np.uint64(row[po + j])
             lo = (v & np.uint64(15)) | (((qh >> j) & one) << four)
             hi = (v >> four) | (((qh >> (j + hb)) & one) << four)
-            s = np.int32(s + np.int32(lo) * np.int32(xq[px + j]) + np.int32(hi) * np.int32(xq[px + hb + j]))
-        acc += load_f16(row, o) * (xd[b] * np.float32(s) - np.float32(16.0) * xs[b])
+            s = np.int32(s + (np.int32(lo) - np.int32(16)) * np.int32(xq[px + j])
+                         + (np.int32(hi) - np.int32(16)) * np.int32(xq[px + hb + j]))
+        acc += load_f16(row, o) * xd[b] * np.float32(s)
     return acc
 
 

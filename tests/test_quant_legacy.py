@@ -86,7 +86,9 @@ def test_quantize_act_q8_round_trip(rng):
     assert np.abs(xq.astype(np.int32)).max() <= 127
     err = np.abs(xq.reshape(nb, 32) * xd[:, None] - x.reshape(nb, 32))
     assert (err <= d[:, None] * ACT_ERR).all()
-    np.testing.assert_allclose(xs, xd * xq.reshape(nb, 32).sum(axis=1), rtol=1e-6)
+    # ggml's block_q8_1.s: f16(d · Σq) with the unrounded d
+    s_ref = (d * xq.reshape(nb, 32).sum(axis=1).astype(np.float32)).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(xs, s_ref)
     assert xd[0] == 0 and not xq[:32].any()
 
 

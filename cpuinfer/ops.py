@@ -35,16 +35,25 @@ def rmsnorm(x, w, eps, out):
 
 def rope_table(n_ctx: int, rope_dims: int, base: float, freq_scale: float = 1.0,
                freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin of θ(p, i) = p · freq_scale · base^(−2i/rope_dims) / freq_factors[i]; each [n_ctx, rope_dims/2].
+    """cos/sin of θ(p, i) = freq_scale · p · base^(−2i/rope_dims) / freq_factors[i]; each [n_ctx, rope_dims/2].
 
-    Built once per model (positions × frequencies), like ggml's theta cache.
+    Built once per model, rounded as ggml's ``ggml_rope_cache_init`` computes it: θ starts at the
+    position and is multiplied by the float32 ``theta_scale`` once per pair, in float32; cos/sin
+    are the correctly rounded float32 values of that θ.
     """
     half = rope_dims // 2
-    inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2.0 / rope_dims)
-    if freq_factors is not None:
-        inv_freq = inv_freq / freq_factors[:half].astype(np.float64)
-    theta = np.arange(n_ctx, dtype=np.float64)[:, None] * (inv_freq[None, :] * freq_scale)
-    return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+    f32 = np.float32
+    theta_scale = f32(np.power(np.float64(f32(base)), np.float64(f32(-2.0) / f32(rope_dims))))
+    ff = np.ones(half, f32) if freq_factors is None else freq_factors[:half].astype(f32)
+    theta = np.arange(n_ctx, dtype=f32)
+    cos = np.empty((n_ctx, half), f32)
+    sin = np.empty((n_ctx, half), f32)
+    for i in range(half):                       # rope_dims/2 vector steps, once per model
+        t = f32(freq_scale) * (theta / ff[i])
+        cos[:, i] = np.cos(t.astype(np.float64))
+        sin[:, i] = np.sin(t.astype(np.float64))
+        theta = theta * theta_scale
+    return cos, sin
 
 
 @fast_parallel_kernel

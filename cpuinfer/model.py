@@ -206,11 +206,11 @@ class Model:
             logits = s.eval([tok])
 
     def generate(self, prompt: str, max_tokens: int = 256, temperature: float = 0.0, **sampling) -> Iterator[str]:
-        """Stream the continuation of ``prompt`` (special tokens in it are parsed; BOS added when
+        """Stream the continuation of ``prompt`` (special tokens in it are parsed; one BOS when
         the file asks for it) as text pieces."""
-        from .tokenizer import StreamDecoder
+        from .tokenizer import StreamDecoder, encode_prompt
 
-        ids = self.tokenizer.encode(prompt, special=True, add_bos=None)
+        ids = encode_prompt(self.tokenizer, prompt)
         dec = StreamDecoder(self.tokenizer)
         for tok in self.generate_ids(ids, max_tokens, temperature=temperature, **sampling):
             piece = dec.add(tok)

@@ -632,3 +632,13 @@ def load_tokenizer(path_or_gguf: str | os.PathLike | GGUFFile) -> Tokenizer:
     if isinstance(path_or_gguf, (str, Path, os.PathLike)):
         return Tokenizer(open_gguf(path_or_gguf, header_only=True))
     raise CpuinferError(f"load_tokenizer: expected a path or GGUFFile, got {type(path_or_gguf).__name__}")
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    """Ids of a prompt or rendered chat: special tokens parsed, and exactly one BOS when the file
+    asks for one — a template that writes BOS itself (Llama 3, DeepSeek-R1) does not get two."""
+    ids = list(tok.encode(text, special=True, add_bos=False))
+    bos = tok.bos_id
+    if getattr(tok, "add_bos", False) and bos is not None and (not ids or ids[0] != bos):
+        ids.insert(0, bos)
+    return ids

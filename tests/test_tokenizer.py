@@ -400,3 +400,14 @@ def test_speed():
     print(f"qwen2 vocab load {load_s * 1e3:.0f} ms, 10 kB encode {enc_s * 1e3:.1f} ms")
     assert enc_s < 0.1
     assert load_s < 3.0
+
+
+def test_encode_prompt_adds_exactly_one_bos():
+    from cpuinfer.tokenizer import encode_prompt
+    tok = load_tokenizer(VOCAB / "ggml-vocab-llama-bpe.gguf")
+    bos = tok.bos_id
+    tok.add_bos = True
+    assert encode_prompt(tok, "Hello")[0] == bos and encode_prompt(tok, "Hello").count(bos) == 1
+    assert encode_prompt(tok, tok.token_text(bos) + "Hello").count(bos) == 1
+    tok.add_bos = False
+    assert bos not in encode_prompt(tok, "Hello")

@@ -60,7 +60,7 @@ def test_synthetic_r1_bytes_per_token(tmp_path):
     path = tmp_path / "r1.gguf"
     synth.write_synthetic(path, "deepseek-r1", "q4_k_m", 5, header_only=True)
     g = open_gguf(path, header_only=True)
-    kv = (512 + 64) * 5 * 4
+    kv = (512 + 64) * 5 * 2                  # MLA latent + rope key, f16 like the runtime
     b = est.decode_bytes_per_token(g.tensors, g.metadata, 2048)
     assert b.kv_bytes_per_token == kv
     assert b.total == _independent_bytes_per_token(path, 2048, kv)
@@ -72,10 +72,10 @@ def test_synthetic_r1_bytes_per_token(tmp_path):
 
 def test_kv_cache_sizes():
     r1 = est.load_model_source("deepseek-r1:q8_0")
-    assert est.kv_bytes_per_token(r1.meta) == 576 * 61 * 4
-    assert est.kv_bytes_per_token(r1.meta, "f16") == 576 * 61 * 2
+    assert est.kv_bytes_per_token(r1.meta) == 576 * 61 * 2                # f16, as the runtime
+    assert est.kv_bytes_per_token(r1.meta, "f32") == 576 * 61 * 4
     llama = open_gguf(DATA / "llama-Q8_0.header.gguf", header_only=True)
-    assert est.kv_bytes_per_token(llama.metadata) == 2 * (32 + 32) * 3 * 4      # 2 KV heads x (K+V)
+    assert est.kv_bytes_per_token(llama.metadata) == 2 * (32 + 32) * 3 * 2      # 2 KV heads x (K+V), f16
     # the MLA latent cache: 100 GB hold far more than 100k tokens of R1 context
     assert 100e9 / est.kv_bytes_per_token(r1.meta) > 700_000
     with pytest.raises(CpuinferError, match="KV cache dtype"):
@@ -100,12 +100,12 @@ def test_r1_q8_estimate_numbers():
     assert e.bound_tps == pytest.approx(e.bandwidth_gbps * 1e9 / e.bytes_per_token)
     assert e.expected_tps == pytest.approx(e.bound_tps * est.DEFAULT_EFFICIENCY)
     assert e.fits and e.max_ctx == 163840 and e.max_ctx_unbounded > 163840
-    assert e.ram_needed_bytes == e.weight_bytes + 4096 * 576 * 61 * 4 + e.overhead_bytes
+    assert e.ram_needed_bytes == e.weight_bytes + 4096 * 576 * 61 * 2 + e.overhead_bytes
     small = est.estimate("deepseek-r1:q8_0", bandwidth=500, ram_gb=600)
     assert not small.fits and small.max_ctx == 0
     tight = est.estimate("deepseek-r1:q8_0", bandwidth=500, ram_gb=720)
     free = 720e9 - tight.weight_bytes - tight.overhead_bytes
-    assert tight.max_ctx == int(free // (576 * 61 * 4)) < 163840
+    assert tight.max_ctx == int(free // (576 * 61 * 2)) < 163840
 
 
 def test_bench_efficiency_round_trip():

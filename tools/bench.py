@@ -103,12 +103,18 @@ def time_llama_cpp(path: str, threads: int, n_prompt: int, n_gen: int, reps: int
     return pp, tg
 
 
+def streamed_bytes_per_token(model, ctx: int) -> int:
+    """What the runtime reads to decode one token at context ``ctx``: the weights its forward
+    touches (counted from the bound tensors) plus the KV cache of ``ctx`` positions."""
+    return int(model.weight_bytes_per_token + model.kv_bytes_per_token * ctx)
+
+
 def _mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def bench_model(path: str, threads: list[int], n_prompt: int, n_gen: int, reps: int,
-                vs_llama_cpp: bool = False, read_gbps: float | None = None) -> list[BenchRecord]:
+                vs_llama_cpp: bool = False, measure_bandwidth: bool = True) -> list[BenchRecord]:
     import cpuinfer
 
     model = cpuinfer.load(path, threads=threads[0], n_ctx=n_prompt + n_gen + 1)
@@ -117,12 +123,12 @@ def bench_model(path: str, threads: list[int], n_prompt: int, n_gen: int, reps: 
         from quant.jit import set_threads
         set_threads(t)
         pp, tg = time_cpuinfer(model, n_prompt, n_gen, reps)
-        avg_ctx = n_prompt + n_gen / 2
-        bpt = int(model.weight_bytes_per_token + model.kv_bytes_per_token * avg_ctx)
+        bpt = streamed_bytes_per_token(model, n_prompt + n_gen // 2)
         (pp_m, pp_s), (tg_m, tg_s) = _mean_std(pp), _mean_std(tg)
         rec = BenchRecord(model=str(path), arch=model.arch, threads=t, n_prompt=n_prompt, n_gen=n_gen,
                           pp_tps=pp_m, pp_tps_std=pp_s, tg_tps=tg_m, tg_tps_std=tg_s,
                           bytes_per_token=bpt, gbps=bpt * tg_m / 1e9)
+        read_gbps = measure_read_gbps(t) if measure_bandwidth else None
         if read_gbps:
             rec.read_gbps = read_gbps
             rec.bw_fraction = rec.gbps / read_gbps
@@ -169,12 +175,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bandwidth", action="store_true", help="skip measuring the read bandwidth")
 
 
-def measure_read_gbps(threads: int) -> float | None:
-    """Read bandwidth at ``threads`` threads, measured now (None if the meter is unavailable)."""
-    try:
-        from tools import bandwidth
-    except ImportError:
-        return None
+def measure_read_gbps(threads: int) -> float:
+    """Read bandwidth at ``threads`` threads, measured now, beside the model's own run."""
+    from tools import bandwidth
     return bandwidth.quick_read_gbps(threads)
 
 
@@ -189,9 +192,11 @@ def run(args: argparse.Namespace) -> int:
     paths = args.model or [str(bundled_model_path())]
     records = []
     for path in paths:
-        read = None if args.no_bandwidth else measure_read_gbps(max(threads))
         records += bench_model(path, threads, args.n_prompt, args.n_gen, args.repetitions,
-                               args.vs_llama_cpp, read)
+                               args.vs_llama_cpp, not args.no_bandwidth)
+    if not args.no_bandwidth:   # `cpuinfer estimate` takes this machine's efficiency from here
+        from tools.estimate import store_bench_records
+        store_bench_records([asdict(r) for r in records])
     if args.json:
         for r in records:
             print(json.dumps(asdict(r)))

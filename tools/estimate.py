@@ -20,7 +20,7 @@ What one decoded token streams (the rules :func:`decode_bytes_per_token` applies
 * the KV cache at the given context: ``ctx × kv_bytes_per_token``, where per token and layer
   the cache holds ``n_head_kv × (key_length + value_length)`` values (llama, qwen2, ...), or for
   ``deepseek2`` the MLA latent ``kv_lora_rank + rope.dimension_count`` values (576 for R1, instead
-  of 128 heads × (192 + 128)) — in ``kv_dtype`` (cpuinfer's runtime keeps float32).
+  of 128 heads × (192 + 128)) — in ``kv_dtype`` (cpuinfer's runtime keeps f16, like llama.cpp).
 
 Efficiency (the fraction of the measured read bandwidth decode achieves) defaults to the median
 ``bw_fraction`` of this machine's ``cpuinfer bench`` runs cached in ``bench.json`` (see
@@ -123,14 +123,14 @@ def kv_values_per_token_layer(meta: Mapping[str, Any]) -> int:
     return n_kv * (k + v)
 
 
-def kv_bytes_per_token(meta: Mapping[str, Any], kv_dtype: str = "f32") -> int:
+def kv_bytes_per_token(meta: Mapping[str, Any], kv_dtype: str = "f16") -> int:
     """KV cache bytes one cached token takes over all layers."""
     a = _arch(meta)
     return kv_values_per_token_layer(meta) * _int(meta, f"{a}.block_count") * kv_dtype_size(kv_dtype)
 
 
 def decode_bytes_per_token(tensors: Mapping[str, TensorInfo] | Iterable[TensorInfo],
-                           meta: Mapping[str, Any], ctx: int, kv_dtype: str = "f32") -> Breakdown:
+                           meta: Mapping[str, Any], ctx: int, kv_dtype: str = "f16") -> Breakdown:
     """Bytes read to decode one token with ``ctx`` tokens in the KV cache.
 
     ``tensors``: name -> :class:`~cpuinfer.gguf.TensorInfo` (``GGUFFile.tensors`` or
@@ -356,7 +356,7 @@ def resolve_bandwidth(bandwidth: float | None = None, channels: int | None = Non
 def estimate(model: str, *, ctx: int = DEFAULT_CTX, bandwidth: float | None = None,
              channels: int | None = None, mts: float | None = None, sockets: int | None = None,
              ram_gb: float | None = None, efficiency: float | None = None,
-             kv_dtype: str = "f32", measure_if_missing: bool = True) -> Estimate:
+             kv_dtype: str = "f16", measure_if_missing: bool = True) -> Estimate:
     """Everything ``cpuinfer estimate`` reports, for a GGUF path or ``MODEL:QUANT`` preset."""
     if ctx < 1:
         raise CpuinferError(f"--ctx must be at least 1, got {ctx}")
@@ -433,8 +433,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"context length (default {DEFAULT_CTX})")
     p.add_argument("--efficiency", type=float, default=None,
                    help=f"fraction of the bandwidth decode achieves (default: from bench, else {DEFAULT_EFFICIENCY})")
-    p.add_argument("--kv-dtype", default="f32", choices=sorted(KV_DTYPES),
-                   help="KV cache element type (default f32, what cpuinfer uses)")
+    p.add_argument("--kv-dtype", default="f16", choices=sorted(KV_DTYPES),
+                   help="KV cache element type (default f16, what cpuinfer uses)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
 

@@ -1,0 +1,49 @@
+"""cpuinfer bench: records, and its bytes-per-token count against the header-only estimator."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import cpuinfer
+from cpuinfer.cli import main
+from cpuinfer.gguf import open_gguf
+from tools import bench
+from tools.estimate import decode_bytes_per_token
+
+TINY = Path(__file__).parent / "data" / "tiny"
+FILES = [TINY / "llama" / "llama-Q8_0.gguf", TINY / "qwen2" / "qwen2-Q4_K_M.gguf",
+         TINY / "deepseek3" / "deepseek3-Q4_0.gguf", TINY / "qwen3moe" / "qwen3moe-Q8_0.gguf"]
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_runtime_streamed_bytes_equal_the_estimate(path):
+    """Two independent counts: the runtime's bound tensors vs the estimator's header reading."""
+    m = cpuinfer.load(path)
+    g = open_gguf(path, header_only=True)
+    for ctx in (0, 100, 1000):
+        est = decode_bytes_per_token(g.tensors, g.metadata, ctx).total
+        got = bench.streamed_bytes_per_token(m, ctx)
+        assert abs(got - est) <= 0.02 * est, (ctx, got, est)
+
+
+def test_bench_json_records(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CPUINFER_CACHE_DIR", str(tmp_path))
+    rc = main(["bench", str(FILES[0]), "-t", "1", "-p", "8", "-n", "4", "-r", "2", "--json", "--no-bandwidth"])
+    assert rc == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(recs) == 1
+    r = recs[0]
+    for key in ("threads", "pp_tps", "tg_tps", "bytes_per_token", "gbps", "bw_fraction"):
+        assert key in r
+    assert r["threads"] == 1 and r["pp_tps"] > 0 and r["tg_tps"] > 0
+    assert r["gbps"] == pytest.approx(r["bytes_per_token"] * r["tg_tps"] / 1e9)
+
+
+@pytest.mark.parametrize("argv,msg", [(["-t", "0"], "positive"), (["-t", "a"], "comma-separated"),
+                                      (["-p", "0"], "at least 1")])
+def test_bench_bad_flags(argv, msg, capsys):
+    assert main(["bench", str(FILES[0]), *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cpuinfer: ") and msg in err and err.count("\n") == 1

@@ -268,6 +268,7 @@ class _Chat:
         self.out_style = _Style(_colors_allowed(stdout, opts.color))
         self.err_style = _Style(_colors_allowed(stderr, opts.color))
         interactive = opts.prompt is None
+        self.one_shot = not interactive
         self.show_stats = opts.stats if opts.stats is not None else (
             interactive or _isatty(stdout))
         self.bos_text = self._special_text(self.tok.bos_id)
@@ -302,6 +303,9 @@ class _Chat:
         messages = self.messages + [{"role": "user", "content": user_text}]
         ids, in_think = self._prompt_ids(messages)
         if len(ids) >= self.n_ctx:
+            if self.one_shot:
+                raise CpuinferError(f"the prompt is {len(ids)} tokens, the context holds {self.n_ctx}: "
+                                    f"use a larger --ctx or a shorter prompt")
             self.note(self.context_full_message())
             return False
         s = self.session

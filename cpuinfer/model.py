@@ -77,6 +77,8 @@ class Session:
         bad = [t for t in ids if not 0 <= t < m.n_vocab]
         if bad:
             raise CpuinferError(f"token id {bad[0]} is out of range for a vocabulary of {m.n_vocab}")
+        if m._numa is not None:
+            m._numa.enter()     # pinned pool and thread count for the calling thread
         state = m._state
         out_all = np.empty((len(ids), m.n_vocab), np.float32) if all_logits else None
         for i0 in range(0, len(ids), state.n_batch):
@@ -93,7 +95,9 @@ class Model:
     """A GGUF model ready to run. Use :func:`cpuinfer.load`."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, n_ctx: int | None = None,
-                 n_batch: int = DEFAULT_BATCH):
+                 n_batch: int = DEFAULT_BATCH, numa="auto"):
+        from numa.placement import setup as numa_setup
+
         from .tokenizer import load_tokenizer
 
         self.path = str(path)
@@ -106,10 +110,16 @@ class Model:
                                 f"(supported: {', '.join(sorted(ARCHITECTURES))})")
         self.info = ARCHITECTURES[arch]
         family = importlib.import_module(f".models.{self.info.family}", __package__)
-        self.family = family.Family(self.gguf, self.info, TensorLoader(self.gguf))
+        # NUMA placement (numa/): None when there is nothing to do (off, or auto on one node)
+        self._numa = numa_setup(self.gguf, numa, threads)
+        loader = TensorLoader(self.gguf, place=self._numa.place if self._numa is not None else None)
+        self.family = family.Family(self.gguf, self.info, loader)
+        if self._numa is not None:
+            self._numa.close()      # copy threads are done once the weights are bound
         self.config = self.family.config
         self.tokenizer = load_tokenizer(self.gguf)
-        self.threads = set_threads(threads or default_threads())
+        self.threads = (self._numa.plan.n_threads if self._numa is not None
+                        else set_threads(threads or default_threads()))
         self.n_ctx = int(n_ctx or min(DEFAULT_CTX, self.n_ctx_train))
         if self.n_ctx < 1:
             raise CpuinferError(f"context size must be at least 1, got {self.n_ctx}")
@@ -137,6 +147,11 @@ class Model:
     @property
     def chat_template(self) -> str | None:
         return self.gguf.get("tokenizer.chat_template")
+
+    @property
+    def numa_plan(self):
+        """The :class:`numa.plan.Plan` in force, or None (policy off / one node under auto)."""
+        return self._numa.plan if self._numa is not None else None
 
     @property
     def weight_bytes_per_token(self) -> int:
@@ -234,6 +249,10 @@ class Model:
         return self.generate(self.render_chat(messages), max_tokens, temperature=temperature, **sampling)
 
 
-def load(path: str | os.PathLike, threads: int | None = None, n_ctx: int | None = None) -> Model:
-    """Map a GGUF model and prepare it to run (weights stay in the file's page cache)."""
-    return Model(path, threads=threads, n_ctx=n_ctx)
+def load(path: str | os.PathLike, threads: int | None = None, n_ctx: int | None = None,
+         numa="auto") -> Model:
+    """Map a GGUF model and prepare it to run. The weights stay in the file's page cache unless
+    ``numa`` (``auto``, ``off``, ``interleave``, ``distribute``, ``isolate[:NODE]`` or a
+    :class:`numa.plan.NumaSpec`) places them on several NUMA nodes; ``auto`` = ``distribute``
+    when this process can run on more than one node, else nothing at all. See docs/numa.md."""
+    return Model(path, threads=threads, n_ctx=n_ctx, numa=numa)

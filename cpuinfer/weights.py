@@ -39,9 +39,12 @@ class QTensor:
 class TensorLoader:
     """Looks tensors up by name in a GGUF file and checks their shape and type before use."""
 
-    def __init__(self, gguf: GGUFFile):
+    def __init__(self, gguf: GGUFFile, place=None):
+        """``place(info, raw) -> array`` (optional, from :mod:`numa.placement`) may hand back a
+        node-placed copy of a matrix's mapped bytes for the model to compute from."""
         self.gguf = gguf
         self.path = gguf.path
+        self.place = place
         for info in gguf.tensors.values():
             quant.check_supported(info.ggml_type, info.name, gguf.path)
 
@@ -57,7 +60,11 @@ class TensorLoader:
 
     def matrix(self, name: str, rows: int, cols: int) -> QTensor:
         info = self._info(name, (rows, cols))
-        return QTensor(name, self.gguf.raw(info), info.ggml_type, rows, cols)
+        return QTensor(name, self._raw(info), info.ggml_type, rows, cols)
+
+    def _raw(self, info) -> np.ndarray:
+        raw = self.gguf.raw(info)
+        return self.place(info, raw) if self.place is not None else raw
 
     def vector(self, name: str, n: int) -> np.ndarray:
         """A small 1-D float tensor (norm weight, bias) as float32: a view when stored as F32."""
@@ -76,4 +83,4 @@ class TensorLoader:
         uint8 view [n, rows, row_bytes], so ``raw[i]`` is matrix ``i``'s rows; ``rows``/``cols``
         describe one matrix and ``nbytes`` counts all ``n``."""
         info = self._info(name, (n, rows, cols))
-        return QTensor(name, self.gguf.raw(info), info.ggml_type, rows, cols)
+        return QTensor(name, self._raw(info), info.ggml_type, rows, cols)

@@ -21,6 +21,7 @@ from cpuinfer.arch import ARCHITECTURES
 from cpuinfer.gguf import open_gguf
 from cpuinfer.moe import Gating, MoeConfig, route_reference
 from cpuinfer.weights import TensorLoader
+from tools.accuracy import kl_top1  # noqa: F401  (one definition, shared by the model tests)
 
 
 def load_family(path):
@@ -41,17 +42,6 @@ def run_logits(fam, ids, chunk=None, n_ctx=None):
         st.tokens[:len(c)] = c
         fam.forward(st, cache, rope, len(c), i0, out[i0:i0 + len(c)])
     return out
-
-
-def kl_top1(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
-    """Mean KL(ref ‖ got) over positions and top-1 agreement."""
-    def logp(z):
-        z = z.astype(np.float64)
-        z = z - z.max(-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(-1, keepdims=True))
-    lp, lq = logp(ref), logp(got)
-    kl = float((np.exp(lp) * (lp - lq)).sum(-1).mean())
-    return kl, float((ref.argmax(-1) == got.argmax(-1)).mean())
 
 
 # --- random deepseek2 files ------------------------------------------------------------------------

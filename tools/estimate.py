@@ -20,7 +20,8 @@ What one decoded token streams (the rules :func:`decode_bytes_per_token` applies
 * the KV cache at the given context: ``ctx × kv_bytes_per_token``, where per token and layer
   the cache holds ``n_head_kv × (key_length + value_length)`` values (llama, qwen2, ...), or for
   ``deepseek2`` the MLA latent ``kv_lora_rank + rope.dimension_count`` values (576 for R1, instead
-  of 128 heads × (192 + 128)) — in ``kv_dtype`` (cpuinfer's runtime keeps f16, like llama.cpp).
+  of 128 heads × (192 + 128)) — in ``kv_dtype``: default ``f16`` (IEEE half), what cpuinfer's
+  runtime keeps and llama.cpp's default; ``f32`` sizes a float32 cache (twice the bytes).
 
 Efficiency (the fraction of the measured read bandwidth decode achieves) defaults to the median
 ``bw_fraction`` of this machine's ``cpuinfer bench`` runs cached in ``bench.json`` (see
@@ -434,7 +435,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--efficiency", type=float, default=None,
                    help=f"fraction of the bandwidth decode achieves (default: from bench, else {DEFAULT_EFFICIENCY})")
     p.add_argument("--kv-dtype", default="f16", choices=sorted(KV_DTYPES),
-                   help="KV cache element type (default f16, what cpuinfer uses)")
+                   help="KV cache element type (default f16: IEEE half, what cpuinfer's runtime keeps and "
+                        "llama.cpp's default; f32 for a float32 cache, twice the bytes)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
 

@@ -18,7 +18,9 @@ from other compiled code, are in :mod:`quant.kernels`.
 
 ``matmul`` on the legacy formats quantizes the activations to int8 per 32 values with an f16
 scale (as llama.cpp does); the result then differs from ``x @ dequantize(W).T`` by at most
-``Σ_blocks (max|x_block| / 127) · (1/2 + 127·2^-11) · Σ_block |w|`` per output.
+``Σ_blocks (max|x_block| / 127) · (1/2 + 127·2^-11) · Σ_block |w|`` per output. The K-quants
+(Q2_K..Q6_K) quantize them to Q8_K per 256 values with a float32 scale (llama.cpp's
+``quantize_row_q8_K``): at most ``Σ_blocks (max|x_block| / 127) / 2 · Σ_block |w|``.
 """
 from __future__ import annotations
 

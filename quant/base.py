@@ -25,6 +25,7 @@ import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from cpuinfer.gguf import GGMLType
@@ -180,3 +181,20 @@ def load_f16(buf, pos):
 def f16_scales(blocks: np.ndarray, offset: int) -> np.ndarray:
     """Reference helper: the half at byte ``offset`` of each block, as float32 [n_blocks, 1]."""
     return blocks[:, offset:offset + 2].copy().view(np.float16).astype(np.float32)
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """``a·b + c`` with one rounding (LLVM ``fma.f32``: ``vfmadd`` with FMA, else libm ``fmaf``),
+    as ggml's ``_mm256_fmadd_ps`` lanes compute it."""
+    if not all(isinstance(t, types.Float) for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        vals = [context.cast(builder, v, t, types.float32) for v, t in zip(args, signature.args)]
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3),
+                                            "llvm.fma.f32")
+        return builder.call(fn, vals)
+
+    return types.float32(a, b, c), codegen

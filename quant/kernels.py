@@ -13,19 +13,28 @@ compiled call::
     get_rows_kernel(qtype, w, ids, out)        # out[i] = dequant(W[ids[i]])
     dot_rows(qtype, w, r0, r1, x, out)         # serial pieces of the above, for fused kernels
     idot_rows(qtype, w, r0, r1, xq, xd, xs, out)
+    idot_rows_k(qtype, w, r0, r1, xq, xd, xb, out)
     act_tables(scratch, n, k) / quantize_act_q8(x, xq, xd, xs)
+    act_tables_k(scratch, n, k) / quantize_act_q8k(x, xq, xd, xb)
 
 The legacy block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) multiply with int8 activations: each
 token's activations are quantized once per call into ``scratch`` (see :func:`act_scratch_bytes`),
 then every row is an integer dot product (llama.cpp's ``vec_dot_q4_1_q8_1`` scheme; Q8_0, Q4_0 and
-Q4_1 use the AVX2 kernels of :mod:`quant.avx2` when the CPU has AVX2). The other
-formats use the float-activation ``_dot_<f>`` row functions.
+Q4_1 use the AVX2 kernels of :mod:`quant.avx2` when the CPU has AVX2). The K-quants (Q2_K..Q6_K)
+multiply with Q8_K activations (int8 per 256-block, float32 scale, int16 sums of each 16), as
+llama.cpp's ``vec_dot_q<n>_K_q8_K``. The float formats use the ``_dot_<f>`` row functions.
 
 Scratch layout (bytes, ``n`` tokens, ``nb = k / 32``), three row-major tables back to back::
 
     [0, n·k)                 xq  int8    [n, k]   quantized activations
     [n·k, n·k + 4·n·nb)      xd  float32 [n, nb]  per-block scale
     [n·k + 4·n·nb, +4·n·nb)  xs  float32 [n, nb]  per-block scale · Σ xq
+
+and for the K-quants (``nk = k / 256``)::
+
+    [0, n·k)                 xq  int8    [n, k]      Q8_K quants
+    [n·k, n·k + 4·n·nk)      xd  float32 [n, nk]     per-block scale
+    [.., + 2·n·k/16)         xb  int16   [n, k/16]   sum of each 16 quants
 
 numba's cache normally tracks only a function's own file; :mod:`quant.jit` widens the stamp to all
 compiled project modules, so these kernels recompile when a format module they call changes.
@@ -39,6 +48,7 @@ from cpuinfer.gguf import GGMLType
 
 from . import avx2, floats, kquants, legacy
 from .jit import kernel, parallel_kernel
+from .kquants import QK_K, quantize_act_q8k
 from .legacy import QK, quantize_act_q8
 
 # Row dots on int8 activations for the hot formats: AVX2 (vpmaddubsw) where the CPU has it,
@@ -48,6 +58,7 @@ if avx2.HAVE_AVX2:
                                           avx2.idot_q4_1_avx2)
 else:
     _idot_q8_0, _idot_q4_0, _idot_q4_1 = legacy._idot_q8_0, legacy._idot_q4_0, legacy._idot_q4_1
+_idot_q4_k, _idot_q6_k = kquants._idot_q4_k, kquants._idot_q6_k
 
 _F32 = int(GGMLType.F32)
 _F16 = int(GGMLType.F16)
@@ -71,6 +82,9 @@ KERNEL_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLTy
 Q8_ACT_TYPES = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1)
 """Types whose matmul quantizes activations to int8 per 32-block."""
 
+Q8K_ACT_TYPES = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
+"""Types whose matmul quantizes activations to Q8_K (int8 per 256-block, float32 scale)."""
+
 
 # --- the format switch -----------------------------------------------------------------------
 
@@ -79,6 +93,13 @@ def uses_q8_act(qtype):
     """True when ``matmul_kernel`` runs this type on int8-quantized activations."""
     return (qtype == _Q8_0 or qtype == _Q4_0 or qtype == _Q4_1 or qtype == _Q5_0
             or qtype == _Q5_1)
+
+
+@kernel
+def uses_q8k_act(qtype):
+    """True when ``matmul_kernel`` runs this type on Q8_K-quantized activations."""
+    return (qtype == _Q2_K or qtype == _Q3_K or qtype == _Q4_K or qtype == _Q5_K
+            or qtype == _Q6_K)
 
 
 @kernel
@@ -150,6 +171,27 @@ def idot_rows(qtype, w, r0, r1, xq, xd, xs, out):
 
 
 @kernel
+def idot_rows_k(qtype, w, r0, r1, xq, xd, xb, out):
+    """``out[r] = W[r] · x`` for rows ``r0 <= r < r1``, K-quant formats, Q8_K activations
+    (``xq``, ``xd``, ``xb`` as made by :func:`quant.kquants.quantize_act_q8k`)."""
+    if qtype == _Q2_K:
+        for r in range(r0, r1):
+            out[r] = kquants._idot_q2_k(w[r], xq, xd, xb)
+    elif qtype == _Q3_K:
+        for r in range(r0, r1):
+            out[r] = kquants._idot_q3_k(w[r], xq, xd, xb)
+    elif qtype == _Q4_K:
+        for r in range(r0, r1):
+            out[r] = _idot_q4_k(w[r], xq, xd, xb)
+    elif qtype == _Q5_K:
+        for r in range(r0, r1):
+            out[r] = kquants._idot_q5_k(w[r], xq, xd, xb)
+    elif qtype == _Q6_K:
+        for r in range(r0, r1):
+            out[r] = _idot_q6_k(w[r], xq, xd, xb)
+
+
+@kernel
 def dequant_row(qtype, row, out):
     """Dequantize one row (uint8[::1]) into ``out`` (float32[::1] of k values)."""
     if qtype == _F32:
@@ -187,6 +229,8 @@ def act_scratch_bytes(qtype, n, k):
     """Bytes of scratch ``matmul_kernel`` needs for ``n`` tokens of ``k`` values (0 if none)."""
     if uses_q8_act(qtype):
         return n * (k + 8 * (k // QK))
+    if uses_q8k_act(qtype):
+        return n * (k + 4 * (k // QK_K) + 2 * (k // 16))
     return 0
 
 
@@ -200,6 +244,18 @@ def act_tables(scratch, n, k):
     xd = scratch[q_end:d_end].view(np.float32).reshape((n, nb))
     xs = scratch[d_end:d_end + 4 * n * nb].view(np.float32).reshape((n, nb))
     return xq, xd, xs
+
+
+@kernel
+def act_tables_k(scratch, n, k):
+    """(xq int8[n, k], xd float32[n, k/256], xb int16[n, k/16]) laid out in ``scratch`` (Q8_K)."""
+    nb = k // QK_K
+    q_end = n * k
+    d_end = q_end + 4 * n * nb
+    xq = scratch[:q_end].view(np.int8).reshape((n, k))
+    xd = scratch[q_end:d_end].view(np.float32).reshape((n, nb))
+    xb = scratch[d_end:d_end + 2 * n * (k // 16)].view(np.int16).reshape((n, k // 16))
+    return xq, xd, xb
 
 
 # --- drivers ---------------------------------------------------------------------------------
@@ -219,7 +275,9 @@ def matmul_kernel(qtype, w, x, out, scratch):
     n, k = x.shape
     rows = w.shape[0]
     q8 = uses_q8_act(qtype)
+    q8k = uses_q8k_act(qtype)
     xq, xd, xs = act_tables(scratch, n if q8 else 0, k)
+    kq, kd, kb = act_tables_k(scratch, n if q8k else 0, k)
     if q8:
         if n < 4:
             for t in range(n):
@@ -227,6 +285,13 @@ def matmul_kernel(qtype, w, x, out, scratch):
         else:
             for t in prange(n):
                 quantize_act_q8(x[t], xq[t], xd[t], xs[t])
+    elif q8k:
+        if n < 4:
+            for t in range(n):
+                quantize_act_q8k(x[t], kq[t], kd[t], kb[t])
+        else:
+            for t in prange(n):
+                quantize_act_q8k(x[t], kq[t], kd[t], kb[t])
     n_chunks = (rows + ROW_TILE - 1) // ROW_TILE
     if n == 1:
         out0 = out[0]
@@ -235,6 +300,11 @@ def matmul_kernel(qtype, w, x, out, scratch):
             for c in prange(n_chunks):
                 idot_rows(qtype, w, c * ROW_TILE, min(rows, c * ROW_TILE + ROW_TILE), xq0, xd0,
                           xs0, out0)
+        elif q8k:
+            kq0, kd0, kb0 = kq[0], kd[0], kb[0]
+            for c in prange(n_chunks):
+                idot_rows_k(qtype, w, c * ROW_TILE, min(rows, c * ROW_TILE + ROW_TILE), kq0, kd0,
+                            kb0, out0)
         else:
             x0 = x[0]
             for c in prange(n_chunks):
@@ -246,6 +316,8 @@ def matmul_kernel(qtype, w, x, out, scratch):
         for t in range(n):          # ROW_TILE rows' bytes stay in L1 across the tokens
             if q8:
                 idot_rows(qtype, w, r0, r1, xq[t], xd[t], xs[t], out[t])
+            elif q8k:
+                idot_rows_k(qtype, w, r0, r1, kq[t], kd[t], kb[t], out[t])
             else:
                 dot_rows(qtype, w, r0, r1, x[t], out[t])
 

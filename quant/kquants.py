@@ -41,7 +41,7 @@ import numpy as np
 
 from cpuinfer.errors import CpuinferError
 from cpuinfer.gguf import GGMLType
-from .base import QuantFormat, f16_scales, load_f16
+from .base import QuantFormat, f16_scales, fma32, load_f16
 from .jit import fast_kernel, kernel
 
 QK_K = 256
@@ -568,3 +568,272 @@ FORMATS: dict[GGMLType, QuantFormat] = {
     GGMLType.Q6_K: _format(GGMLType.Q6_K, Q6_K_TYPE_SIZE, dequantize_q6_k, _dequant_row_q6_k, _dot_q6_k),
 }
 KQUANT_FORMATS = FORMATS  # the name the quant registry imports
+
+
+# --------------------------------------------------------------------------------------------
+# Q8_K activations and the integer row dots (llama.cpp's vec_dot_q<n>_K_q8_K scheme)
+# --------------------------------------------------------------------------------------------
+#
+# llama.cpp multiplies K-quant weights with activations quantized per 256-block to Q8_K
+# (``quantize_row_q8_K_ref``, which the x86 CPU backend uses as is): with ``mx`` the value of
+# largest magnitude (its sign kept), ``iscale = -127 / mx``, ``q = min(127, round(iscale · x))``
+# (round half to even), the scale ``d = 1 / iscale`` kept as float32, and ``bsums[16]`` the sums
+# of each 16 quants. The row dots below follow the AVX2 ``ggml_vec_dot_q<n>_K_q8_K`` per block:
+# an exact int32 sum of ``scale · q · q8`` over the block, times ``d = d_x · f16(x.d)``, plus for
+# the formats with mins the ``−d_x · f16(x.dmin) · Σ min · bsum`` term from the block sums.
+# (The AVX2 kernels spread the integer sum over 8 lanes, scaled separately; here it is one sum
+# per block, so the float rounding differs from theirs by a few ulps of the row result.)
+
+
+@kernel
+def quantize_act_q8k(x, xq, xd, xb):
+    """Quantize float32 activations per 256-block like ggml's ``quantize_row_q8_K_ref``.
+
+    ``x`` float32[k], ``xq`` int8[k], ``xd`` float32[k/256] (``1 / iscale``; 0 for an all-zero
+    block), ``xb`` int16[k/16] (sum of each 16 quants). Each value is off by at most half a step
+    ``|xd[b]|/2`` (the clamp to 127 only moves values already within that).
+    """
+    nb = xd.shape[0]
+    for b in range(nb):
+        y = b * QK_K
+        amax = np.float32(0.0)
+        mx = np.float32(0.0)
+        for j in range(y, y + QK_K):
+            ax = abs(x[j])
+            if ax > amax:
+                amax = ax
+                mx = x[j]
+        if amax == 0:
+            xd[b] = np.float32(0.0)
+            for j in range(y, y + QK_K):
+                xq[j] = 0
+            for g in range(b * 16, b * 16 + 16):
+                xb[g] = 0
+            continue
+        iscale = np.float32(-127.0) / mx
+        for j in range(y, y + QK_K):
+            v = np.rint(iscale * x[j])           # float32 product, round half to even
+            xq[j] = np.int8(min(np.float32(127.0), v))
+        for g in range(16):
+            s = np.int32(0)
+            for j in range(y + 16 * g, y + 16 * g + 16):
+                s += np.int32(xq[j])
+            xb[b * 16 + g] = np.int16(s)
+        xd[b] = np.float32(1.0) / iscale
+
+
+@kernel
+def _idot_q2_k(row, xq, xd, xb):
+    """Q2_K row · Q8_K activations: per block ``d·Σ_s sc_s·Σ q·q8 − dmin·Σ_s m_s·bsum_s`` (the
+    min term first, as ggml's AVX2 loop)."""
+    nb = xd.shape[0]
+    u16 = np.uint64(xq.shape[0] // nb) >> np.uint64(4)     # 16
+    acc = np.float32(0.0)
+    for b in range(nb):
+        ub = np.uint64(b)
+        o = ub * np.uint64(Q2_K_TYPE_SIZE)
+        dy = xd[b]
+        d = dy * load_f16(row, o + np.uint64(80))
+        dmin = -(dy * load_f16(row, o + np.uint64(82)))
+        summ = np.int32(0)
+        for s in range(16):
+            summ = np.int32(summ + np.int32(row[o + np.uint64(s)] >> 4) * np.int32(xb[b * 16 + s]))
+        sumi = np.int32(0)
+        for n in range(2):
+            un = np.uint64(n)
+            qo = o + np.uint64(16) + np.uint64(32) * un
+            px = ub * np.uint64(QK_K) + np.uint64(128) * un
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.int32(0)
+            for l in range(u16):
+                a = row[qo + l]
+                c = row[qo + u16 + l]
+                s0 = np.int32(s0 + np.int32(a & np.uint8(3)) * np.int32(xq[px + l]))
+                s1 = np.int32(s1 + np.int32(c & np.uint8(3)) * np.int32(xq[px + np.uint64(16) + l]))
+                s2 = np.int32(s2 + np.int32((a >> np.uint8(2)) & np.uint8(3)) * np.int32(xq[px + np.uint64(32) + l]))
+                s3 = np.int32(s3 + np.int32((c >> np.uint8(2)) & np.uint8(3)) * np.int32(xq[px + np.uint64(48) + l]))
+                s4 = np.int32(s4 + np.int32((a >> np.uint8(4)) & np.uint8(3)) * np.int32(xq[px + np.uint64(64) + l]))
+                s5 = np.int32(s5 + np.int32((c >> np.uint8(4)) & np.uint8(3)) * np.int32(xq[px + np.uint64(80) + l]))
+                s6 = np.int32(s6 + np.int32(a >> np.uint8(6)) * np.int32(xq[px + np.uint64(96) + l]))
+                s7 = np.int32(s7 + np.int32(c >> np.uint8(6)) * np.int32(xq[px + np.uint64(112) + l]))
+            so = o + np.uint64(8) * un
+            sumi = np.int32(sumi + np.int32(row[so] & np.uint8(15)) * s0 + np.int32(row[so + np.uint64(1)] & np.uint8(15)) * s1
+                        + np.int32(row[so + np.uint64(2)] & np.uint8(15)) * s2 + np.int32(row[so + np.uint64(3)] & np.uint8(15)) * s3
+                        + np.int32(row[so + np.uint64(4)] & np.uint8(15)) * s4 + np.int32(row[so + np.uint64(5)] & np.uint8(15)) * s5
+                        + np.int32(row[so + np.uint64(6)] & np.uint8(15)) * s6 + np.int32(row[so + np.uint64(7)] & np.uint8(15)) * s7)
+        acc = fma32(dmin, np.float32(summ), acc)
+        acc = fma32(d, np.float32(sumi), acc)
+    return acc
+
+
+@kernel
+def _idot_q3_k(row, xq, xd, xb):
+    """Q3_K row · Q8_K activations: per block ``d·Σ_s sc_s·Σ q·q8`` with the signed 3-bit
+    ``q = low 2 bits − (0 if the hmask bit is set else 4)``."""
+    nb = xd.shape[0]
+    u16 = np.uint64(xq.shape[0] // nb) >> np.uint64(4)     # 16
+    acc = np.float32(0.0)
+    for b in range(nb):
+        ub = np.uint64(b)
+        o = ub * np.uint64(Q3_K_TYPE_SIZE)
+        d = xd[b] * load_f16(row, o + np.uint64(108))
+        sumi = np.int32(0)
+        for n in range(2):
+            un = np.uint64(n)
+            qo = o + np.uint64(32) + np.uint64(32) * un
+            px = ub * np.uint64(QK_K) + np.uint64(128) * un
+            hs = np.uint8(4 * n)
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.int32(0)
+            for l in range(u16):
+                a = row[qo + l]
+                c = row[qo + u16 + l]
+                ha = (row[o + l] >> hs) << np.uint8(2)          # hmask bits of groups 0..3 at 2..5
+                hc = (row[o + u16 + l] >> hs) << np.uint8(2)
+                s0 = np.int32(s0 + (np.int32((a & np.uint8(3)) | (ha & np.uint8(4))) - 4) * np.int32(xq[px + l]))
+                s1 = np.int32(s1 + (np.int32((c & np.uint8(3)) | (hc & np.uint8(4))) - 4) * np.int32(xq[px + np.uint64(16) + l]))
+                s2 = np.int32(s2 + (np.int32(((a >> np.uint8(2)) & np.uint8(3)) | ((ha >> np.uint8(1)) & np.uint8(4))) - 4)
+                          * np.int32(xq[px + np.uint64(32) + l]))
+                s3 = np.int32(s3 + (np.int32(((c >> np.uint8(2)) & np.uint8(3)) | ((hc >> np.uint8(1)) & np.uint8(4))) - 4)
+                          * np.int32(xq[px + np.uint64(48) + l]))
+                s4 = np.int32(s4 + (np.int32(((a >> np.uint8(4)) & np.uint8(3)) | ((ha >> np.uint8(2)) & np.uint8(4))) - 4)
+                          * np.int32(xq[px + np.uint64(64) + l]))
+                s5 = np.int32(s5 + (np.int32(((c >> np.uint8(4)) & np.uint8(3)) | ((hc >> np.uint8(2)) & np.uint8(4))) - 4)
+                          * np.int32(xq[px + np.uint64(80) + l]))
+                s6 = np.int32(s6 + (np.int32((a >> np.uint8(6)) | ((ha >> np.uint8(3)) & np.uint8(4))) - 4)
+                          * np.int32(xq[px + np.uint64(96) + l]))
+                s7 = np.int32(s7 + (np.int32((c >> np.uint8(6)) | ((hc >> np.uint8(3)) & np.uint8(4))) - 4)
+                          * np.int32(xq[px + np.uint64(112) + l]))
+            so = b * Q3_K_TYPE_SIZE + 96
+            j = 8 * n
+            sumi = np.int32(sumi + _q3_scale_at(row, so, j) * s0 + _q3_scale_at(row, so, j + 1) * s1
+                        + _q3_scale_at(row, so, j + 2) * s2 + _q3_scale_at(row, so, j + 3) * s3
+                        + _q3_scale_at(row, so, j + 4) * s4 + _q3_scale_at(row, so, j + 5) * s5
+                        + _q3_scale_at(row, so, j + 6) * s6 + _q3_scale_at(row, so, j + 7) * s7)
+        acc = fma32(d, np.float32(sumi), acc)
+    return acc
+
+
+@kernel
+def _k4_min_term(row, so, xb, b):
+    """``Σ_j min_j · (bsum[2j] + bsum[2j+1])`` of a Q4_K/Q5_K block (scales at ``row[so:]``)."""
+    m = np.int32(0)
+    for j in range(8):
+        sc, mn = _scale_min_at(row, so, j)
+        m += np.int32(mn) * (np.int32(xb[b * 16 + 2 * j]) + np.int32(xb[b * 16 + 2 * j + 1]))
+    return m
+
+
+@kernel
+def _k4_sumi(row, qo, so, xq, px, u32, hq, hmask):
+    """``Σ_j scale_j · Σ q·q8`` of one Q4_K or Q5_K block: ``qo``/``px`` the offsets of its quants
+    and activations, ``so`` of its scales, ``hq`` of Q5_K's 32 high-bit bytes, read through
+    ``hmask`` (255 for Q5_K; 0 for Q4_K, so any in-row offset will do)."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.int32(0)
+    m4 = np.uint8(15)
+    for l in range(u32):
+        q0 = row[qo + l]
+        q1 = row[qo + u32 + l]
+        q2 = row[qo + np.uint64(64) + l]
+        q3 = row[qo + np.uint64(96) + l]
+        h = row[hq + l] & hmask
+        s0 = np.int32(s0 + np.int32((q0 & m4) | ((h & np.uint8(1)) << np.uint8(4))) * np.int32(xq[px + l]))
+        s1 = np.int32(s1 + np.int32((q0 >> np.uint8(4)) | ((h & np.uint8(2)) << np.uint8(3))) * np.int32(xq[px + u32 + l]))
+        s2 = np.int32(s2 + np.int32((q1 & m4) | ((h & np.uint8(4)) << np.uint8(2))) * np.int32(xq[px + np.uint64(64) + l]))
+        s3 = np.int32(s3 + np.int32((q1 >> np.uint8(4)) | ((h & np.uint8(8)) << np.uint8(1))) * np.int32(xq[px + np.uint64(96) + l]))
+        s4 = np.int32(s4 + np.int32((q2 & m4) | (h & np.uint8(16))) * np.int32(xq[px + np.uint64(128) + l]))
+        s5 = np.int32(s5 + np.int32((q2 >> np.uint8(4)) | ((h & np.uint8(32)) >> np.uint8(1))) * np.int32(xq[px + np.uint64(160) + l]))
+        s6 = np.int32(s6 + np.int32((q3 & m4) | ((h & np.uint8(64)) >> np.uint8(2))) * np.int32(xq[px + np.uint64(192) + l]))
+        s7 = np.int32(s7 + np.int32((q3 >> np.uint8(4)) | ((h & np.uint8(128)) >> np.uint8(3))) * np.int32(xq[px + np.uint64(224) + l]))
+    return np.int32(np.int32(_scale_min_at(row, so, 0)[0]) * s0 + np.int32(_scale_min_at(row, so, 1)[0]) * s1
+                + np.int32(_scale_min_at(row, so, 2)[0]) * s2 + np.int32(_scale_min_at(row, so, 3)[0]) * s3
+                + np.int32(_scale_min_at(row, so, 4)[0]) * s4 + np.int32(_scale_min_at(row, so, 5)[0]) * s5
+                + np.int32(_scale_min_at(row, so, 6)[0]) * s6 + np.int32(_scale_min_at(row, so, 7)[0]) * s7)
+
+
+@kernel
+def _idot_q4_k(row, xq, xd, xb):
+    """Q4_K row · Q8_K activations: ``Σ_b d_b·sumi_b`` plus the min term ``Σ_b dmin_b·summ_b``
+    accumulated apart and added at the end (as ggml's AVX2 ``acc`` / ``acc_m``)."""
+    nb = xd.shape[0]
+    u32 = np.uint64(xq.shape[0] // nb) >> np.uint64(3)     # 32
+    acc = np.float32(0.0)
+    acc_m = np.float32(0.0)
+    for b in range(nb):
+        ub = np.uint64(b)
+        o = ub * np.uint64(Q4_K_TYPE_SIZE)
+        dy = xd[b]
+        d = dy * load_f16(row, o)
+        dmin = -(dy * load_f16(row, o + np.uint64(2)))
+        so = b * Q4_K_TYPE_SIZE + 4
+        acc_m = fma32(dmin, np.float32(_k4_min_term(row, so, xb, b)), acc_m)
+        acc = fma32(d, np.float32(_k4_sumi(row, o + np.uint64(16), so, xq, ub * np.uint64(QK_K),
+                                           u32, o, np.uint8(0))), acc)
+    return acc + acc_m
+
+
+@kernel
+def _idot_q5_k(row, xq, xd, xb):
+    """Q5_K row · Q8_K activations, as :func:`_idot_q4_k` with the fifth bit from qh (ggml's
+    AVX2 loop keeps the min term as a scalar ``summs``)."""
+    nb = xd.shape[0]
+    u32 = np.uint64(xq.shape[0] // nb) >> np.uint64(3)     # 32
+    acc = np.float32(0.0)
+    summs = np.float32(0.0)
+    for b in range(nb):
+        ub = np.uint64(b)
+        o = ub * np.uint64(Q5_K_TYPE_SIZE)
+        dy = xd[b]
+        d = dy * load_f16(row, o)
+        dmin = -(dy * load_f16(row, o + np.uint64(2)))
+        so = b * Q5_K_TYPE_SIZE + 4
+        summs = fma32(dmin, np.float32(_k4_min_term(row, so, xb, b)), summs)
+        acc = fma32(d, np.float32(_k4_sumi(row, o + np.uint64(48), so, xq, ub * np.uint64(QK_K),
+                                           u32, o + np.uint64(16), np.uint8(255))), acc)
+    return acc + summs
+
+
+@kernel
+def _idot_q6_k(row, xq, xd, xb):
+    """Q6_K row · Q8_K activations: per block ``d·Σ_s sc_s·(Σ q6·q8 − 32·bsum_s)`` with
+    ``q6 = 0..63`` (the −32 offset taken from the block sums)."""
+    nb = xd.shape[0]
+    u16 = np.uint64(xq.shape[0] // nb) >> np.uint64(4)     # 16
+    m4 = np.uint8(15)
+    acc = np.float32(0.0)
+    for b in range(nb):
+        ub = np.uint64(b)
+        o = ub * np.uint64(Q6_K_TYPE_SIZE)
+        d = xd[b] * load_f16(row, o + np.uint64(208))
+        sumi = np.int32(0)
+        for n in range(2):
+            un = np.uint64(n)
+            lo_o = o + np.uint64(64) * un
+            hi_o = o + np.uint64(128) + np.uint64(32) * un
+            px = ub * np.uint64(QK_K) + np.uint64(128) * un
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.int32(0)
+            for l in range(u16):
+                a0 = row[lo_o + l]
+                a1 = row[lo_o + u16 + l]
+                b0 = row[lo_o + np.uint64(32) + l]
+                b1 = row[lo_o + np.uint64(48) + l]
+                h0 = row[hi_o + l]
+                h1 = row[hi_o + u16 + l]
+                s0 = np.int32(s0 + np.int32((a0 & m4) | ((h0 & np.uint8(3)) << np.uint8(4))) * np.int32(xq[px + l]))
+                s1 = np.int32(s1 + np.int32((a1 & m4) | ((h1 & np.uint8(3)) << np.uint8(4))) * np.int32(xq[px + np.uint64(16) + l]))
+                s2 = np.int32(s2 + np.int32((b0 & m4) | ((h0 & np.uint8(12)) << np.uint8(2))) * np.int32(xq[px + np.uint64(32) + l]))
+                s3 = np.int32(s3 + np.int32((b1 & m4) | ((h1 & np.uint8(12)) << np.uint8(2))) * np.int32(xq[px + np.uint64(48) + l]))
+                s4 = np.int32(s4 + np.int32((a0 >> np.uint8(4)) | (h0 & np.uint8(48))) * np.int32(xq[px + np.uint64(64) + l]))
+                s5 = np.int32(s5 + np.int32((a1 >> np.uint8(4)) | (h1 & np.uint8(48))) * np.int32(xq[px + np.uint64(80) + l]))
+                s6 = np.int32(s6 + np.int32((b0 >> np.uint8(4)) | ((h0 >> np.uint8(6)) << np.uint8(4))) * np.int32(xq[px + np.uint64(96) + l]))
+                s7 = np.int32(s7 + np.int32((b1 >> np.uint8(4)) | ((h1 >> np.uint8(6)) << np.uint8(4))) * np.int32(xq[px + np.uint64(112) + l]))
+            so = o + np.uint64(192) + np.uint64(8) * un
+            g = b * 16 + 8 * n
+            sumi = np.int32(sumi + _i8_at(row, so) * (s0 - 32 * np.int32(xb[g]))
+                        + _i8_at(row, so + np.uint64(1)) * (s1 - 32 * np.int32(xb[g + 1]))
+                        + _i8_at(row, so + np.uint64(2)) * (s2 - 32 * np.int32(xb[g + 2]))
+                        + _i8_at(row, so + np.uint64(3)) * (s3 - 32 * np.int32(xb[g + 3]))
+                        + _i8_at(row, so + np.uint64(4)) * (s4 - 32 * np.int32(xb[g + 4]))
+                        + _i8_at(row, so + np.uint64(5)) * (s5 - 32 * np.int32(xb[g + 5]))
+                        + _i8_at(row, so + np.uint64(6)) * (s6 - 32 * np.int32(xb[g + 6]))
+                        + _i8_at(row, so + np.uint64(7)) * (s7 - 32 * np.int32(xb[g + 7])))
+        acc = fma32(d, np.float32(sumi), acc)
+    return acc

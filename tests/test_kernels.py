@@ -46,6 +46,11 @@ def _assert_matmul_close(out, x, w, t):
         # per value: half a step plus the f16 rounding of the scale (2^-11 relative) · |q| <= 127
         bound = (xd * (0.5 + 127 * 2.0 ** -11)) @ np.abs(W.reshape(-1, nb, 32)).sum(axis=2).T
         assert np.linalg.norm(out - ref) <= 2e-2 * np.linalg.norm(ref)
+    if t in kernels.Q8K_ACT_TYPES:
+        nb = k // 256
+        xd = np.abs(x64.reshape(n, nb, 256)).max(axis=2) / 127          # Q8_K scales (float32)
+        bound = (xd * 0.5 * (1 + 1e-5)) @ np.abs(W.reshape(-1, nb, 256)).sum(axis=2).T
+        assert np.linalg.norm(out - ref) <= 2e-2 * np.linalg.norm(ref)
     err = np.abs(out - ref)
     assert (err <= bound * 1.001 + 2e-5 * scale).all(), float((err - bound).max())
 
@@ -95,6 +100,7 @@ def test_matmul_uses_given_scratch_and_checks_its_size():
     need = scratch_size(t, n, k)
     assert need == n * (k + 8 * (k // 32))
     assert scratch_size(GGMLType.F16, n, k) == 0
+    assert scratch_size(GGMLType.Q4_K, n, 512) == n * (512 + 4 * 2 + 2 * 32)   # q, d, bsums
     a, b = np.empty((n, rows), np.float32), np.empty((n, rows), np.float32)
     matmul(w, t, x, a)
     scratch = np.zeros(need + 100, np.uint8)

@@ -116,3 +116,141 @@ def test_real_file_every_kquant_tensor():
             np.testing.assert_array_equal(out.view(np.uint32), ours[r].view(np.uint32), err_msg=info.name)
         check_dot(fmt, rows[:32], ours[:32], np.random.default_rng(7))
     assert seen == {GGMLType.Q4_K, GGMLType.Q6_K}
+
+
+# --- Q8_K activations and integer dots (llama.cpp's vec_dot_q<n>_K_q8_K) ----------------------
+
+from quant import kquants  # noqa: E402
+from quant.base import f16_scales  # noqa: E402
+
+
+def ggml_quantize_q8k(x: np.ndarray):
+    """Literal numpy transcription of ggml's ``quantize_row_q8_K_ref``: strict ``>`` search for the
+    largest magnitude, ``iscale = -127/max``, ``nearest_int`` by the 1.5·2^23 float trick."""
+    xb = x.astype(np.float32).reshape(-1, QK_K)
+    q = np.zeros(xb.shape, np.int8)
+    d = np.zeros(xb.shape[0], np.float32)
+    for b in range(xb.shape[0]):
+        amax, mx = np.float32(0), np.float32(0)
+        for v in xb[b]:
+            if abs(v) > amax:
+                amax, mx = abs(v), v
+        if amax == 0:
+            continue
+        iscale = np.float32(-127.0) / mx
+        val = (iscale * xb[b]) + np.float32(12582912.0)                 # float32 ops
+        i = (val.view(np.int32) & 0x007FFFFF) - 0x00400000
+        q[b] = np.minimum(127, i)
+        d[b] = np.float32(1.0) / iscale
+    sums = q.reshape(-1, 16).astype(np.int32).sum(axis=1).astype(np.int16)
+    return q.reshape(-1), d, sums
+
+
+def quantize_q8k(x: np.ndarray):
+    nb = x.size // QK_K
+    xq, xd, xb = np.empty(x.size, np.int8), np.empty(nb, np.float32), np.empty(nb * 16, np.int16)
+    kquants.quantize_act_q8k(x, xq, xd, xb)
+    return xq, xd, xb
+
+
+def test_quantize_q8k_matches_ggml():
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(8 * QK_K) * rng.uniform(0.01, 10, 8 * QK_K)).astype(np.float32)
+    x[:QK_K] = 0.0                                        # all-zero block: d = 0, q = 0
+    x[QK_K + 7] = -50.0                                   # negative extreme -> iscale > 0
+    x[2 * QK_K:2 * QK_K + 8] = [2.54, -1.27, 0.635, 0.0635, -0.0635, 1.905, 3.175, 0.3]  # halves
+    x[3 * QK_K + 3] = 1e-30                               # tiny values beside normal ones
+    xq, xd, xb = quantize_q8k(x)
+    rq, rd, rb = ggml_quantize_q8k(x)
+    np.testing.assert_array_equal(xq, rq)
+    np.testing.assert_array_equal(xd.view(np.uint32), rd.view(np.uint32))
+    np.testing.assert_array_equal(xb, rb)
+    # the extreme always maps to -127: a negative one gives a positive scale
+    assert xd[0] == 0 and not xq[:QK_K].any() and xd[1] > 0 and xq[QK_K + 7] == -127
+    err = np.abs(xq.reshape(-1, QK_K) * xd[:, None].astype(np.float64) - x.reshape(-1, QK_K))
+    assert (err <= np.abs(xd[:, None]) * 0.5 * (1 + 1e-6)).all()
+
+
+def _emulate_ggml_k_dot(qtype, blocks: np.ndarray, xq, xd, xb) -> np.float32:
+    """ggml's per-block arithmetic in numpy: exact integer sums from the dequantized integer
+    weights, float32 scales, each ``acc = fma(d, float(sum), acc)`` as float64 product + sum rounded
+    once to float32 (the product of two float32 is exact in float64)."""
+    f32 = np.float32
+
+    def fma(a, b, c):
+        return f32(np.float64(a) * np.float64(b) + np.float64(c))
+
+    ints, mins = _integer_weights(qtype, blocks)          # [nb, 256] int64, [nb, 16] int64 or None
+    q8 = xq.reshape(-1, QK_K).astype(np.int64)
+    bs = xb.reshape(-1, 16).astype(np.int64)
+    d_off = F16_OFFSETS[qtype]
+    acc, acc_m = f32(0), f32(0)
+    for b in range(blocks.shape[0]):
+        d = f32(xd[b] * f16_scales(blocks[b:b + 1], d_off[0])[0, 0])
+        sumi = f32(int((ints[b] * q8[b]).sum()))
+        if mins is not None:
+            dmin = -f32(xd[b] * f16_scales(blocks[b:b + 1], d_off[1])[0, 0])
+            summ = f32(int((mins[b] * bs[b]).sum()))
+            if qtype == GGMLType.Q2_K:                   # one accumulator, min term first
+                acc = fma(dmin, summ, acc)
+            else:
+                acc_m = fma(dmin, summ, acc_m)
+        acc = fma(d, sumi, acc)
+    return f32(acc + acc_m)
+
+
+def _integer_weights(qtype, blocks):
+    """Per block: the integer factor ``scale · q`` of each weight (so weight = d · that, minus the
+    min part) and, for formats with mins, the integer min of each 16-weight group."""
+    ref = KQUANT_FORMATS[qtype].dequantize_ref
+    nb = blocks.shape[0]
+    probe = blocks.copy()
+    d_off = F16_OFFSETS[qtype]
+    one = np.array([1.0], np.float16).view(np.uint8)
+    zero = np.array([0.0], np.float16).view(np.uint8)
+    probe[:, d_off[0]:d_off[0] + 2] = one
+    mins = None
+    if len(d_off) == 2:
+        probe[:, d_off[1]:d_off[1] + 2] = zero
+        mprobe = blocks.copy()
+        mprobe[:, d_off[0]:d_off[0] + 2] = zero
+        mprobe[:, d_off[1]:d_off[1] + 2] = one
+        mins = (-ref(mprobe)).reshape(nb, 16, 16)[:, :, 0].astype(np.int64)   # weight = -min
+    return ref(probe).astype(np.int64), mins
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=IDS)
+def test_integer_dot_matches_ggml_emulation_and_float64(qtype):
+    rng = np.random.default_rng(300 + int(qtype))
+    nb = 6
+    blocks = random_blocks(qtype, nb, seed=300 + int(qtype))
+    blocks[:3] = blocks[3:6]                   # keep the random scales; drop the zero/huge ones
+    for off in F16_OFFSETS[qtype]:
+        blocks[:, off:off + 2] = (rng.standard_normal(nb) * 0.01).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    x = (rng.standard_normal(nb * QK_K) * rng.uniform(0.1, 4, nb * QK_K)).astype(np.float32)
+    xq, xd, xb = quantize_q8k(x)
+    row = blocks.reshape(-1)
+    got = getattr(kquants, f"_idot_{qtype.name.lower()}")(row, xq, xd, xb)
+    want = _emulate_ggml_k_dot(qtype, blocks, xq, xd, xb)
+    assert np.float32(got).view(np.uint32) == want.view(np.uint32), (got, want)
+    # within the activation rounding bound of the float64 dot with the true activations
+    w = KQUANT_FORMATS[qtype].dequantize_ref(blocks).astype(np.float64).reshape(-1)
+    bound = (np.abs(xd).astype(np.float64) * 0.5 * 1.0001) @ np.abs(w.reshape(nb, QK_K)).sum(axis=1)
+    assert abs(got - w @ x.astype(np.float64)) <= bound + 1e-5 * (np.abs(w) @ np.abs(x))
+
+
+@pytest.mark.skipif(not __import__("quant").avx2.HAVE_AVX2, reason="needs AVX2 (compile target)")
+@pytest.mark.parametrize("qtype", TYPES, ids=IDS)
+def test_integer_dots_are_vectorized(qtype):
+    """The lane loops must compile to packed integer multiply-adds (a call or an int64 product
+    in the loop body silently makes them scalar and ~3x slower)."""
+    import re
+
+    import numba
+    cached = getattr(kquants, f"_idot_{qtype.name.lower()}")
+    fn = numba.njit(**{k: v for k, v in cached.targetoptions.items() if k not in ("cache", "nopython")})(
+        cached.py_func)
+    size = KQUANT_FORMATS[qtype].type_size
+    fn(np.zeros(2 * size, np.uint8), np.zeros(512, np.int8), np.ones(2, np.float32), np.zeros(32, np.int16))
+    asm = "\n".join(fn.inspect_asm().values())
+    assert re.search(r"\bv(pmaddwd|pmulld|pdpwssd)\b[^\n]*%[yz]mm", asm), qtype.name

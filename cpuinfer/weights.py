@@ -28,12 +28,21 @@ class QTensor:
     def nbytes(self) -> int:
         return self.raw.nbytes
 
-    def matmul(self, x: np.ndarray, out: np.ndarray) -> None:
-        """out[n, rows] = x[n, cols] @ Wᵀ."""
-        quant.matmul(self.raw, self.ggml_type, x, out)
+    def matmul(self, x: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
+        """out[n, rows] = x[n, cols] @ Wᵀ; ``scratch`` from :func:`matmul_scratch` (no allocation)."""
+        quant.matmul(self.raw, self.ggml_type, x, out, scratch)
 
     def get_rows(self, ids: np.ndarray, out: np.ndarray) -> None:
         quant.get_rows(self.raw, self.ggml_type, ids, out)
+
+
+def matmul_scratch(n_batch: int, max_cols: int) -> np.ndarray:
+    """One scratch buffer, allocated once per state, large enough for :meth:`QTensor.matmul` of
+    any supported type on up to ``n_batch`` tokens of up to ``max_cols`` values (quantized
+    activations live there)."""
+    k = -(-max_cols // 256) * 256            # a multiple of every block size
+    need = max(quant.scratch_size(t, n_batch, k) for t in quant.SUPPORTED_TYPES)
+    return np.zeros(max(need, 1), np.uint8)
 
 
 class TensorLoader:

@@ -40,7 +40,7 @@ from ..errors import CpuinferError
 from ..gguf import GGUFFile
 from ..kvcache import BYTES_PER_VALUE
 from ..moe import Gating, MoeBuffers, MoeConfig, MoeWeights, moe_ffn
-from ..weights import QTensor, TensorLoader
+from ..weights import QTensor, TensorLoader, matmul_scratch
 from .llama import _meta
 
 
@@ -295,10 +295,8 @@ class State:
         self.gate = np.zeros(n_batch * ff, f32)                   # dense / shared FFN (flat)
         self.up = np.zeros(n_batch * ff, f32)
         self.logits = np.zeros((1, c.n_vocab), f32)
-        need = max([int(qk.act_scratch_bytes(int(L.wk_b.ggml_type), n_batch, c.nope)) for L in w.layers]
-                   + [int(qk.act_scratch_bytes(int(L.wv_b.ggml_type), n_batch, c.kv_lora)) for L in w.layers]
-                   + [1])
-        self.head_scratch = np.zeros(need, np.uint8)
+        # quantized activations of every mat-mul, the per-head k_b / v_b ones included
+        self.scratch = matmul_scratch(n_batch, max(c.d_model, c.q_lora, nh * hk, nh * c.v_dim, c.kv_lora, ff))
         moe_layers = [L.moe for L in w.layers if L.moe is not None]
         self.moe = MoeBuffers(c.moe, c.d_model, n_batch, moe_layers) if moe_layers else None
 
@@ -338,11 +336,11 @@ def _per_head_matmul(qtype, w, src, dst, xbuf, ybuf, scratch):
                 dst[t, h, i] = ys[t, i]
 
 
-def _dense_ffn(f: Ffn, xb, out, gate, up) -> None:
-    f.gate.matmul(xb, gate)
-    f.up.matmul(xb, up)
+def _dense_ffn(f: Ffn, xb, out, gate, up, scratch) -> None:
+    f.gate.matmul(xb, gate, scratch)
+    f.up.matmul(xb, up, scratch)
     ops.swiglu(gate, up, gate)
-    f.down.matmul(gate, out)
+    f.down.matmul(gate, out, scratch)
 
 
 def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: int,
@@ -360,12 +358,12 @@ def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: i
         ops.rmsnorm(x, L.attn_norm, c.rms_eps, xb)
         if L.wq is None:
             qa, qa_n = s.qa[:n], s.qa_n[:n]
-            L.wq_a.matmul(xb, qa)
+            L.wq_a.matmul(xb, qa, s.scratch)
             ops.rmsnorm(qa, L.q_a_norm, c.rms_eps, qa_n)
-            L.wq_b.matmul(qa_n, q)                                      # [n, nh·(nope+rope)]
+            L.wq_b.matmul(qa_n, q, s.scratch)                                   # [n, nh·(nope+rope)]
         else:
-            L.wq.matmul(xb, q)
-        L.wkv_a.matmul(xb, kva)                                         # [n, L + rope]
+            L.wq.matmul(xb, q, s.scratch)
+        L.wkv_a.matmul(xb, kva, s.scratch)                                      # [n, L + rope]
         # cache (f16): normed latent ‖ rotated rope key at p0..p0+n-1
         ops.rmsnorm(kva[:, :L_], L.kv_a_norm, c.rms_eps, kva[:, :L_])
         ops.rope(kva[:, None, L_:], cos, sin, p0, c.rope_type)
@@ -375,17 +373,18 @@ def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: i
         q3 = q.reshape(n, nh, hk)
         ops.rope(q3[:, :, c.nope:], cos, sin, p0, c.rope_type)
         _per_head_matmul(int(L.wk_b.ggml_type), L.wk_b.raw, q3[:, :, :c.nope], q_mqa[:, :, :L_],
-                         s.hbuf_in, s.hbuf_out, s.head_scratch)
+                         s.hbuf_in, s.hbuf_out, s.scratch)
         q_mqa[:, :, L_:] = q3[:, :, c.nope:]
         ops.attention(q_mqa, kc, kc[:, :, :L_], p0, kq_scale, kv.scores, kv.qh, o_lat)  # MQA, V = latent
         _per_head_matmul(int(L.wv_b.ggml_type), L.wv_b.raw, o_lat, att.reshape(n, nh, c.v_dim),
-                         s.hbuf_in, s.hbuf_out, s.head_scratch)
-        L.wo.matmul(att, xo)
+                         s.hbuf_in, s.hbuf_out, s.scratch)
+        L.wo.matmul(att, xo, s.scratch)
         x += xo
         ops.rmsnorm(x, L.ffn_norm, c.rms_eps, xb)
         if L.ffn is not None:
             ff = c.n_ff
-            _dense_ffn(L.ffn, xb, xo, s.gate[:n * ff].reshape(n, ff), s.up[:n * ff].reshape(n, ff))
+            _dense_ffn(L.ffn, xb, xo, s.gate[:n * ff].reshape(n, ff), s.up[:n * ff].reshape(n, ff),
+                       s.scratch)
             x += xo
         else:
             xm = s.xm[:n]
@@ -393,12 +392,13 @@ def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: i
             x += xm
             if L.shexp is not None:
                 ff = c.n_ff_shexp
-                _dense_ffn(L.shexp, xb, xo, s.gate[:n * ff].reshape(n, ff), s.up[:n * ff].reshape(n, ff))
+                _dense_ffn(L.shexp, xb, xo, s.gate[:n * ff].reshape(n, ff), s.up[:n * ff].reshape(n, ff),
+                           s.scratch)
                 x += xo
     m = logits_out.shape[0]
     xl = xb[n - m:]
     ops.rmsnorm(x[n - m:], w.output_norm, c.rms_eps, xl)
-    w.output.matmul(xl, logits_out)
+    w.output.matmul(xl, logits_out, s.scratch)
 
 
 class Family:

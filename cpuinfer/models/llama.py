@@ -13,7 +13,7 @@ from ..arch import ArchInfo, Key, RopeType, Tn, tensor_name
 from ..errors import CpuinferError
 from ..gguf import GGUFFile
 from ..kvcache import KVCache
-from ..weights import QTensor, TensorLoader
+from ..weights import QTensor, TensorLoader, matmul_scratch
 
 
 def _meta(g: GGUFFile, arch: str, key: Key, default=None, kind=int):
@@ -159,6 +159,7 @@ class State:
         self.up = np.zeros((n_batch, c.n_ff), f32)
         self.hidden = np.zeros((n_batch, c.n_ff), f32)
         self.logits = np.zeros((1, c.n_vocab), f32)         # last token's logits
+        self.scratch = matmul_scratch(n_batch, max(c.d_model, q_dim, c.n_ff))  # quantized activations
 
 
 def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: int,
@@ -176,9 +177,9 @@ def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: i
     for li, L in enumerate(w.layers):
         # attention: xb = norm(x); q, k, v = xb·Wqᵀ, xb·Wkᵀ, xb·Wvᵀ (+ biases)
         ops.rmsnorm(x, L.attn_norm, c.rms_eps, xb)                    # [n, d]
-        L.wq.matmul(xb, q)                                            # [n, nh·hd]
-        L.wk.matmul(xb, k)                                            # [n, nkv·hd]
-        L.wv.matmul(xb, v)                                            # [n, nkv·hd]
+        L.wq.matmul(xb, q, s.scratch)                                         # [n, nh·hd]
+        L.wk.matmul(xb, k, s.scratch)                                         # [n, nkv·hd]
+        L.wv.matmul(xb, v, s.scratch)                                         # [n, nkv·hd]
         for b, y in ((L.bq, q), (L.bk, k), (L.bv, v)):
             if b is not None:
                 ops.add_rows(y, b)
@@ -189,19 +190,19 @@ def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: i
         ops.store_f16(v.reshape(n, nkv, hd), kv.v[li, p0:p0 + n])
         ops.attention(q3, kv.k[li], kv.v[li], p0, scale, kv.scores, kv.qh,
                       att.reshape(n, nh, hd))                         # [n, nh, hd]
-        L.wo.matmul(att, xo)                                          # [n, d]
+        L.wo.matmul(att, xo, s.scratch)                                       # [n, d]
         x += xo
         # feed-forward: x += W_down · (silu(xb·W_gateᵀ) ⊙ xb·W_upᵀ), xb = norm(x)
         ops.rmsnorm(x, L.ffn_norm, c.rms_eps, xb)
-        L.w_gate.matmul(xb, gate)                                     # [n, ff]
-        L.w_up.matmul(xb, up)                                         # [n, ff]
+        L.w_gate.matmul(xb, gate, s.scratch)                                  # [n, ff]
+        L.w_up.matmul(xb, up, s.scratch)                                      # [n, ff]
         ops.swiglu(gate, up, hidden)
-        L.w_down.matmul(hidden, xo)                                   # [n, d]
+        L.w_down.matmul(hidden, xo, s.scratch)                                # [n, d]
         x += xo
     m = logits_out.shape[0]
     xl = xb[n - m:]
     ops.rmsnorm(x[n - m:], w.output_norm, c.rms_eps, xl)              # [m, d]
-    w.output.matmul(xl, logits_out)                                   # [m, vocab]
+    w.output.matmul(xl, logits_out, s.scratch)                                # [m, vocab]
 
 
 class Family:

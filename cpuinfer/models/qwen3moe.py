@@ -17,7 +17,7 @@ from ..arch import ArchInfo, Key, Tn, tensor_name
 from ..gguf import GGUFFile
 from ..kvcache import KVCache
 from ..moe import Gating, MoeBuffers, MoeConfig, MoeWeights, moe_ffn
-from ..weights import QTensor, TensorLoader
+from ..weights import QTensor, TensorLoader, matmul_scratch
 from . import llama
 from .llama import _meta
 
@@ -131,6 +131,7 @@ class State:
         self.v = np.zeros((n_batch, kv_dim), f32)
         self.att = np.zeros((n_batch, q_dim), f32)
         self.logits = np.zeros((1, a.n_vocab), f32)
+        self.scratch = matmul_scratch(n_batch, max(a.d_model, q_dim))   # quantized activations
         self.moe = MoeBuffers(c.moe, a.d_model, n_batch, [L.moe for L in w.layers])
 
 
@@ -148,9 +149,9 @@ def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: i
     w.token_embd.get_rows(s.tokens[:n], x)
     for li, L in enumerate(w.layers):
         ops.rmsnorm(x, L.attn_norm, a.rms_eps, xb)
-        L.wq.matmul(xb, q)
-        L.wk.matmul(xb, k)
-        L.wv.matmul(xb, v)
+        L.wq.matmul(xb, q, s.scratch)
+        L.wk.matmul(xb, k, s.scratch)
+        L.wv.matmul(xb, v, s.scratch)
         qh, kh = q.reshape(n * nh, hd), k.reshape(n * nkv, hd)
         ops.rmsnorm(qh, L.q_norm, a.rms_eps, qh)                      # per-head q/k norms
         ops.rmsnorm(kh, L.k_norm, a.rms_eps, kh)
@@ -160,7 +161,7 @@ def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: i
         ops.store_f16(k3, kv.k[li, p0:p0 + n])                       # f16 cache [ctx, nkv, hd]
         ops.store_f16(v.reshape(n, nkv, hd), kv.v[li, p0:p0 + n])
         ops.attention(q3, kv.k[li], kv.v[li], p0, scale, kv.scores, kv.qh, att.reshape(n, nh, hd))
-        L.wo.matmul(att, xo)
+        L.wo.matmul(att, xo, s.scratch)
         x += xo
         ops.rmsnorm(x, L.ffn_norm, a.rms_eps, xb)
         moe_ffn(c.moe, L.moe, xb, xo, s.moe)
@@ -168,7 +169,7 @@ def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: i
     m = logits_out.shape[0]
     xl = xb[n - m:]
     ops.rmsnorm(x[n - m:], w.output_norm, a.rms_eps, xl)
-    w.output.matmul(xl, logits_out)
+    w.output.matmul(xl, logits_out, s.scratch)
 
 
 class Family:

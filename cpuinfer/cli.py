@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "bench": ("tools.bench", "prompt and decode tokens/s, GB/s and %% of memory bandwidth"),
     "bandwidth": ("tools.bandwidth", "measure memory read/copy/triad bandwidth"),
     "estimate": ("tools.estimate", "tokens/s, RAM and context estimate for a model on a machine"),
+    "numa": ("cpuinfer.numa_cmd", "NUMA topology, thread/memory placement plan, and --check of a model's pages"),
 }
 
 

@@ -23,16 +23,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default min(4096, trained))")
     p.add_argument("--seed", type=int, default=None, help="random seed (reproducible sampling)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("--numa", default="auto", metavar="POLICY",
+                   help="NUMA placement: auto, off, interleave, distribute, isolate[:NODE] (default auto)")
     p.add_argument("--hide-think", action="store_true", help="hide <think>…</think> reasoning")
     p.add_argument("--verbose", action="store_true", help="print load details")
 
 
-def load_with_progress(path: str, threads: int | None, n_ctx: int | None, show: bool):
+def load_with_progress(path: str, threads: int | None, n_ctx: int | None, show: bool, numa: str = "auto"):
     """Load the model and warm the kernels, with a progress display on a terminal."""
     import cpuinfer
 
     if not show:
-        m = cpuinfer.load(path, threads=threads, n_ctx=n_ctx)
+        m = cpuinfer.load(path, threads=threads, n_ctx=n_ctx, numa=numa)
         m.warmup()
         return m
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -40,7 +42,7 @@ def load_with_progress(path: str, threads: int | None, n_ctx: int | None, show: 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   transient=True, console=_stderr_console()) as prog:
         task = prog.add_task(f"mapping {path}", total=2)
-        m = cpuinfer.load(path, threads=threads, n_ctx=n_ctx)
+        m = cpuinfer.load(path, threads=threads, n_ctx=n_ctx, numa=numa)
         prog.update(task, advance=1, description="compiling kernels (cached on disk after the first run)")
         m.warmup()
         prog.update(task, advance=1)
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     path = args.model or str(bundled_model_path())
     t0 = time.perf_counter()
-    model = load_with_progress(path, args.threads, args.ctx, show=sys.stderr.isatty())
+    model = load_with_progress(path, args.threads, args.ctx, show=sys.stderr.isatty(), numa=args.numa)
     if args.verbose:
         print(f"{model!r} loaded in {time.perf_counter() - t0:.2f} s; KV cache "
               f"{model.kv_bytes_per_token} bytes/token", file=sys.stderr)

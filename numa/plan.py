@@ -261,15 +261,19 @@ class Plan:
         matrices = list(matrices)
         if matrices:
             total = sum(m.nbytes for m in matrices)
-            lines.append(f"  weight matrices: {len(matrices)} tensors, {total / 2**30:.3f} GiB")
+            lines.append(f"  weight matrices: {len(matrices)} tensors, {_size(total)}")
             per = self.bytes_per_node(matrices)
             if per and self.policy != "off":
                 for node, b in sorted(per.items()):
                     cap = self.budget.get(node)
-                    lines.append(f"  node {node}: {b / 2**30:.3f} GiB of weights"
-                                 + (f" (budget {cap / 2**30:.1f} GiB)" if cap is not None and self.copy else ""))
+                    lines.append(f"  node {node}: {_size(b)} of weights"
+                                 + (f" (budget {_size(cap)})" if cap is not None and self.copy else ""))
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
 def _node_cpus(topo: Topology, node_id: int, allowed: set[int], smt: bool) -> list[int]:

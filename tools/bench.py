@@ -114,20 +114,25 @@ def _mean_std(xs):
 
 
 def bench_model(path: str, threads: list[int], n_prompt: int, n_gen: int, reps: int,
-                vs_llama_cpp: bool = False, measure_bandwidth: bool = True) -> list[BenchRecord]:
+                vs_llama_cpp: bool = False, measure_bandwidth: bool = True,
+                numa: str = "auto") -> list[BenchRecord]:
     import cpuinfer
 
-    model = cpuinfer.load(path, threads=threads[0], n_ctx=n_prompt + n_gen + 1)
+    model = cpuinfer.load(path, threads=threads[0], n_ctx=n_prompt + n_gen + 1, numa=numa)
     records = []
     for t in threads:
         from quant.jit import set_threads
-        set_threads(t)
+        if model.numa_plan is not None and t != model.threads:   # pinned threads and placed
+            model = cpuinfer.load(path, threads=t, n_ctx=n_prompt + n_gen + 1, numa=numa)  # rows follow t
+        else:
+            set_threads(t)
         pp, tg = time_cpuinfer(model, n_prompt, n_gen, reps)
         bpt = streamed_bytes_per_token(model, n_prompt + n_gen // 2)
         (pp_m, pp_s), (tg_m, tg_s) = _mean_std(pp), _mean_std(tg)
         rec = BenchRecord(model=str(path), arch=model.arch, threads=t, n_prompt=n_prompt, n_gen=n_gen,
                           pp_tps=pp_m, pp_tps_std=pp_s, tg_tps=tg_m, tg_tps_std=tg_s,
                           bytes_per_token=bpt, gbps=bpt * tg_m / 1e9)
+        rec.extra["numa"] = model.numa_plan.policy if model.numa_plan is not None else "off"
         read_gbps = measure_read_gbps(t) if measure_bandwidth else None
         if read_gbps:
             rec.read_gbps = read_gbps
@@ -173,6 +178,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON record per model × thread count")
     p.add_argument("--vs-llama-cpp", action="store_true", help="also run llama.cpp (llama-cpp-python) and print ratios")
     p.add_argument("--no-bandwidth", action="store_true", help="skip measuring the read bandwidth")
+    p.add_argument("--numa", default="auto", metavar="POLICY",
+                   help="NUMA placement: auto, off, interleave, distribute, isolate[:NODE] (default auto)")
 
 
 def measure_read_gbps(threads: int) -> float:
@@ -193,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     records = []
     for path in paths:
         records += bench_model(path, threads, args.n_prompt, args.n_gen, args.repetitions,
-                               args.vs_llama_cpp, not args.no_bandwidth)
+                               args.vs_llama_cpp, not args.no_bandwidth, numa=args.numa)
     if not args.no_bandwidth:   # `cpuinfer estimate` takes this machine's efficiency from here
         from tools.estimate import store_bench_records
         store_bench_records([asdict(r) for r in records])

@@ -475,8 +475,10 @@ class _Chat:
                 import readline  # noqa: F401  (enables line editing and history for input())
             except ImportError:
                 pass
-        self.note(self.err_style.dim(f"cpuinfer chat: {self.model.arch}, context {self.n_ctx} "
-                                     f"tokens. /? for help, /bye to exit."))
+        kv = self.model.kv_bytes_per_token
+        self.note(self.err_style.dim(f"cpuinfer chat: {self.model.arch}, context {self.n_ctx} tokens, "
+                                     f"KV cache {kv / 1024:.1f} KiB/token ({kv * self.n_ctx / 2**20:.0f} MiB). "
+                                     f"/? for help, /bye to exit."))
         while True:
             try:
                 text = self.read_message()

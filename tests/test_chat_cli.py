@@ -351,3 +351,8 @@ def test_bad_template_is_reported():
 def test_bad_sampler_options_fail_fast():
     rc, out, err = chat(FakeModel(), "", prompt="x", sampler=SamplerParams(top_p=2.0))
     assert rc == 1 and err == "cpuinfer: --top-p must be in (0, 1], got 2.0\n"
+
+
+def test_banner_reports_the_kv_cache_per_token():
+    rc, out, err = chat(FakeModel(), "")
+    assert rc == 0 and "KV cache 1.0 KiB/token (0 MiB)" in err

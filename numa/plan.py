@@ -402,7 +402,8 @@ def assign_experts(n_expert: int, expert_bytes: int, node_threads: dict[int, int
         raise CpuinferError("assign_experts: no node has threads")
     cap = {k: n_expert if budget is None or budget.get(k) is None else
            min(n_expert, int(budget[k] // max(1, expert_bytes))) for k in nodes}
-    share = split_proportional(n_expert, {k: node_threads[k] for k in nodes})
+    # weights scaled by n_expert so the split is proportional and never capacity-limited
+    share = split_proportional(n_expert, {k: node_threads[k] * n_expert for k in nodes})
     share = {k: min(share[k], cap[k]) for k in nodes}
     left = n_expert - sum(share.values())
     for k in sorted(nodes, key=lambda x: (-(cap[x] - share[x]), x)):   # overflow to nodes with room

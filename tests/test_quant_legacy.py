@@ -133,3 +133,49 @@ def test_avx2_dot_matches_portable(t, nb, rng):
     scale = np.abs(w) @ np.abs(xr)
     assert abs(fast - w @ xr) <= 1e-5 * scale
     assert abs(fast - slow) <= 2e-5 * scale
+
+
+def _ggml_avx2_row_dot(t, blocks: np.ndarray, xq, xd, xs) -> np.float32:
+    """ggml's AVX2 ``vec_dot_{q8_0_q8_0, q4_0_q8_0, q4_1_q8_1}`` replayed in float32: int32 lane i
+    of a block sums the products of its bytes 4i..4i+3 (Q4: low nibbles are values 0..15, high
+    nibbles 16..31); ONE 8-lane accumulator, ``acc = fma(d_w·d_x, float(lane), acc)`` per block
+    (fma as float64 product + sum rounded once: the product of two float32 is exact in float64);
+    then ``hsum_float_8`` (high half + low half, movehl add, movehdup add) ``+ Σ m·s`` (Q4_1)."""
+    f32 = np.float32
+    w = FORMATS[t].dequantize_ref(blocks)                       # only for the integer quants:
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
+    if t == GGMLType.Q4_1:
+        m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0]
+        q = np.concatenate([blocks[:, 4:20] & 15, blocks[:, 4:20] >> 4], axis=1).astype(np.int64)
+    elif t == GGMLType.Q4_0:
+        q = np.concatenate([blocks[:, 2:18] & 15, blocks[:, 2:18] >> 4], axis=1).astype(np.int64) - 8
+    else:
+        q = blocks[:, 2:34].view(np.int8).astype(np.int64)
+    assert w.shape == q.shape
+    lanes = (q * xq.reshape(-1, 32).astype(np.int64)).reshape(-1, 8, 4).sum(axis=2)   # [nb, 8]
+    acc = np.zeros(8, np.float32)
+    summs = f32(0)
+    for b in range(blocks.shape[0]):
+        scale = f32(d[b] * xd[b])
+        acc = (np.float64(scale) * lanes[b].astype(np.float32).astype(np.float64)
+               + acc.astype(np.float64)).astype(np.float32)
+        if t == GGMLType.Q4_1:
+            summs = f32(summs + f32(m[b] * xs[b]))
+    r = acc[4:] + acc[:4]                                      # extract high 128 + low 128
+    r2 = f32(r[0] + r[2]), f32(r[1] + r[3])                    # + movehl
+    return f32(f32(r2[0] + r2[1]) + summs)                     # add_ss(movehdup), + summs
+
+
+@pytest.mark.skipif(not avx2.HAVE_AVX2, reason="CPU lacks AVX2")
+@pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1], ids=lambda t: t.name)
+def test_avx2_dot_bit_exact_vs_ggml_lane_order(t, rng):
+    nb = 96
+    x = (rng.standard_normal(nb * 32) * rng.uniform(0.05, 5, nb * 32)).astype(np.float32)
+    xq, xd, xs = np.empty(nb * 32, np.int8), np.empty(nb, np.float32), np.empty(nb, np.float32)
+    legacy.quantize_act_q8(x, xq, xd, xs)
+    fast = getattr(avx2, f"idot_{t.name.lower()}_avx2")
+    for _ in range(20):
+        blocks = random_blocks(rng, t, nb)
+        got = np.float32(fast(blocks.reshape(-1), xq, xd, xs))
+        want = _ggml_avx2_row_dot(t, blocks, xq, xd, xs)
+        assert got.view(np.uint32) == want.view(np.uint32), (got, want)

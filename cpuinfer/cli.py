@@ -41,10 +41,26 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 1
-    try:
+
+    def run():
         if getattr(args, "_import_error", None):
             raise CpuinferError(f"{args.command} is unavailable: {args._import_error}")
         return importlib.import_module(args._module).run(args)
+    return run_reporting_errors(run)
+
+
+def tool_main(module, prog: str, description: str, argv: list[str] | None = None) -> int:
+    """``python -m tools.X``: the same arguments and error reporting as ``cpuinfer X``."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    module.add_arguments(p)
+    args = p.parse_args(argv)
+    return run_reporting_errors(lambda: module.run(args))
+
+
+def run_reporting_errors(fn) -> int:
+    """Run a command; whatever the user can cause ends as one ``cpuinfer: ...`` line, status 1."""
+    try:
+        return fn()
     except CpuinferError as e:
         print(f"cpuinfer: {e}", file=sys.stderr)
         return 1

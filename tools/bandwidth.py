@@ -461,14 +461,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.bandwidth", description="Measure memory bandwidth.")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except CpuinferError as e:
-        print(f"cpuinfer: {e}", file=sys.stderr)
-        return 1
+    from cpuinfer.cli import tool_main
+    return tool_main(sys.modules[__name__], "python -m tools.bandwidth", "Measure memory bandwidth.", argv)
 
 
 if __name__ == "__main__":

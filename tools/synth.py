@@ -248,14 +248,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.synth", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except CpuinferError as e:
-        print(f"cpuinfer: {e}", file=sys.stderr)
-        return 1
+    from cpuinfer.cli import tool_main
+    return tool_main(sys.modules[__name__], "python -m tools.synth", __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

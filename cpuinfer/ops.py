@@ -77,6 +77,10 @@ def _rope(x, cos, sin, p0, neox):
             x[t, h, b] = x0 * s + x1 * c
 
 
+rope_kernel = _rope
+"""``rope_kernel(x, cos, sin, p0, neox)``: :func:`rope` for compiled callers (``neox`` a bool)."""
+
+
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, p0: int, rope_type: RopeType) -> None:
     """Rotate the first ``2·cos.shape[1]`` dims of every head of x [n, heads, head_dim] in place,
     token t at position p0 + t."""

@@ -14,6 +14,8 @@ from ..errors import CpuinferError
 from ..gguf import GGUFFile
 from ..kvcache import KVCache
 from ..weights import QTensor, TensorLoader, matmul_scratch
+from quant.jit import kernel
+from quant.kernels import matmul_kernel
 
 
 def _meta(g: GGUFFile, arch: str, key: Key, default=None, kind=int):
@@ -105,6 +107,7 @@ class Weights:
     output_norm: np.ndarray          # [d]
     output: QTensor                  # [vocab, d] (token_embd when tied)
     rope_freq_factors: np.ndarray | None
+    layer_args: tuple = ()           # per layer, the weights as _layer takes them (built at load)
 
     @classmethod
     def from_gguf(cls, t: TensorLoader, c: Config) -> "Weights":
@@ -132,7 +135,8 @@ class Weights:
         output = t.matrix(out_name, c.n_vocab, d) if t.has(out_name) else embd
         return cls(token_embd=embd, layers=tuple(layers),
                    output_norm=t.vector(tensor_name(Tn.OUTPUT_NORM), d), output=output,
-                   rope_freq_factors=t.optional_vector(tensor_name(Tn.ROPE_FREQS), c.rope_dims // 2))
+                   rope_freq_factors=t.optional_vector(tensor_name(Tn.ROPE_FREQS), c.rope_dims // 2),
+                   layer_args=tuple(_layer_inputs(L) for L in layers))
 
     def streamed_bytes(self) -> int:
         """Weight bytes read per decoded token: every matrix once, the output head, one embedding row."""
@@ -160,45 +164,92 @@ class State:
         self.hidden = np.zeros((n_batch, c.n_ff), f32)
         self.logits = np.zeros((1, c.n_vocab), f32)         # last token's logits
         self.scratch = matmul_scratch(n_batch, max(c.d_model, q_dim, c.n_ff))  # quantized activations
+        # what every layer call gets, in _layer's order (built once: no per-token tuple work)
+        self.buffers = (self.x, self.xb, self.xo, self.q, self.k, self.v, self.att, self.gate,
+                        self.up, self.hidden, self.scratch)
+
+
+_NO_BIAS = np.zeros(0, np.float32)   # read-only stand-in for an absent bias (never written)
+_NO_BIAS.flags.writeable = False
+
+
+def _layer_inputs(L: Layer) -> tuple:
+    """A layer's weights as :func:`_layer` takes them: raw blocks + integer type code per matrix,
+    norms, and biases (empty when absent). Built once at load."""
+    def m(t: QTensor):
+        return t.raw, int(t.ggml_type)
+    bias = [b if b is not None else _NO_BIAS for b in (L.bq, L.bk, L.bv)]
+    return (L.attn_norm, *m(L.wq), *m(L.wk), *m(L.wv), *bias, *m(L.wo),
+            L.ffn_norm, *m(L.w_gate), *m(L.w_up), *m(L.w_down))
+
+
+@kernel
+def _layer(n, p0, li, eps, scale, neox, nh, nkv,
+           x_all, xb_all, xo_all, q_all, k_all, v_all, att_all, gate_all, up_all, hidden_all, scratch,
+           k_cache, v_cache, scores, qh, cos, sin,
+           attn_norm, wq, tq, wk, tk, wv, tv, bq, bk, bv, wo, to,
+           ffn_norm, w_gate, tg, w_up, tu, w_down, td):
+    """One decoder layer for tokens 0..n-1 of the state buffers at positions p0..p0+n-1, in one
+    compiled call (no Python between the kernels). ``w*`` are raw uint8 rows [rows, row_bytes]
+    with their ``int(GGMLType)`` codes ``t*``; ``b*`` are empty when the layer has no bias;
+    ``k_cache``/``v_cache`` are the whole f16 caches [n_layer, ctx, nkv, hd]."""
+    x, xb, xo = x_all[:n], xb_all[:n], xo_all[:n]                       # [n, d]
+    q, k, v, att = q_all[:n], k_all[:n], v_all[:n], att_all[:n]
+    gate, up, hidden = gate_all[:n], up_all[:n], hidden_all[:n]         # [n, ff]
+    hd = q.shape[1] // nh
+    # attention: xb = norm(x); q, k, v = xb·Wqᵀ, xb·Wkᵀ, xb·Wvᵀ (+ biases)
+    ops.rmsnorm(x, attn_norm, eps, xb)                                  # [n, d]
+    matmul_kernel(tq, wq, xb, q, scratch)                               # [n, nh·hd]
+    matmul_kernel(tk, wk, xb, k, scratch)                               # [n, nkv·hd]
+    matmul_kernel(tv, wv, xb, v, scratch)                               # [n, nkv·hd]
+    if bq.shape[0]:
+        ops.add_rows(q, bq)
+    if bk.shape[0]:
+        ops.add_rows(k, bk)
+    if bv.shape[0]:
+        ops.add_rows(v, bv)
+    q3 = q.reshape((n, nh, hd))
+    k3 = k.reshape((n, nkv, hd))
+    ops.rope_kernel(q3, cos, sin, p0, neox)                             # rotate q, k at p0..p0+n-1
+    ops.rope_kernel(k3, cos, sin, p0, neox)
+    ops.store_f16(k3, k_cache[li, p0:p0 + n])                           # cache (f16): [ctx, nkv, hd]
+    ops.store_f16(v.reshape((n, nkv, hd)), v_cache[li, p0:p0 + n])
+    ops.attention(q3, k_cache[li], v_cache[li], p0, scale, scores, qh,
+                  att.reshape((n, nh, hd)))                             # [n, nh, hd]
+    matmul_kernel(to, wo, att, xo, scratch)                             # [n, d]
+    _add(x, xo)
+    # feed-forward: x += W_down · (silu(xb·W_gateᵀ) ⊙ xb·W_upᵀ), xb = norm(x)
+    ops.rmsnorm(x, ffn_norm, eps, xb)
+    matmul_kernel(tg, w_gate, xb, gate, scratch)                        # [n, ff]
+    matmul_kernel(tu, w_up, xb, up, scratch)                            # [n, ff]
+    ops.swiglu(gate, up, hidden)
+    matmul_kernel(td, w_down, hidden, xo, scratch)                      # [n, d]
+    _add(x, xo)
+
+
+@kernel
+def _add(x, y):
+    """x += y for [n, d] arrays (the residual connection)."""
+    n, d = x.shape
+    for t in range(n):
+        for i in range(d):
+            x[t, i] += y[t, i]
 
 
 def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: int,
             logits_out: np.ndarray) -> None:
     """Run tokens ``s.tokens[:n]`` at positions p0..p0+n-1; write the logits of the last
-    ``len(logits_out)`` of them into ``logits_out`` [m, vocab]."""
-    cos, sin = rope_cs
-    hd, nh, nkv = c.head_dim, c.n_head, c.n_head_kv
-    x, xb, xo = s.x[:n], s.xb[:n], s.xo[:n]
-    q, k, v, att = s.q[:n], s.k[:n], s.v[:n], s.att[:n]
-    gate, up, hidden = s.gate[:n], s.up[:n], s.hidden[:n]
-    scale = 1.0 / np.sqrt(hd)
+    ``len(logits_out)`` of them into ``logits_out`` [m, vocab].
 
+    Each layer is one compiled call (:func:`_layer`); Python only loops over the layers."""
+    cos, sin = rope_cs
+    x, xb = s.x[:n], s.xb[:n]
+    scale = 1.0 / np.sqrt(c.head_dim)
+    neox = c.rope_type is RopeType.NEOX
     w.token_embd.get_rows(s.tokens[:n], x)                            # x: [n, d]
-    for li, L in enumerate(w.layers):
-        # attention: xb = norm(x); q, k, v = xb·Wqᵀ, xb·Wkᵀ, xb·Wvᵀ (+ biases)
-        ops.rmsnorm(x, L.attn_norm, c.rms_eps, xb)                    # [n, d]
-        L.wq.matmul(xb, q, s.scratch)                                         # [n, nh·hd]
-        L.wk.matmul(xb, k, s.scratch)                                         # [n, nkv·hd]
-        L.wv.matmul(xb, v, s.scratch)                                         # [n, nkv·hd]
-        for b, y in ((L.bq, q), (L.bk, k), (L.bv, v)):
-            if b is not None:
-                ops.add_rows(y, b)
-        q3, k3 = q.reshape(n, nh, hd), k.reshape(n, nkv, hd)
-        ops.rope(q3, cos, sin, p0, c.rope_type)                       # rotate q, k at p0..p0+n-1
-        ops.rope(k3, cos, sin, p0, c.rope_type)
-        ops.store_f16(k3, kv.k[li, p0:p0 + n])                        # cache (f16): [ctx, nkv, hd]
-        ops.store_f16(v.reshape(n, nkv, hd), kv.v[li, p0:p0 + n])
-        ops.attention(q3, kv.k[li], kv.v[li], p0, scale, kv.scores, kv.qh,
-                      att.reshape(n, nh, hd))                         # [n, nh, hd]
-        L.wo.matmul(att, xo, s.scratch)                                       # [n, d]
-        x += xo
-        # feed-forward: x += W_down · (silu(xb·W_gateᵀ) ⊙ xb·W_upᵀ), xb = norm(x)
-        ops.rmsnorm(x, L.ffn_norm, c.rms_eps, xb)
-        L.w_gate.matmul(xb, gate, s.scratch)                                  # [n, ff]
-        L.w_up.matmul(xb, up, s.scratch)                                      # [n, ff]
-        ops.swiglu(gate, up, hidden)
-        L.w_down.matmul(hidden, xo, s.scratch)                                # [n, d]
-        x += xo
+    for li, args in enumerate(w.layer_args):
+        _layer(n, p0, li, c.rms_eps, scale, neox, c.n_head, c.n_head_kv, *s.buffers,
+               kv.k, kv.v, kv.scores, kv.qh, cos, sin, *args)
     m = logits_out.shape[0]
     xl = xb[n - m:]
     ops.rmsnorm(x[n - m:], w.output_norm, c.rms_eps, xl)              # [m, d]

@@ -1,4 +1,5 @@
-"""AVX2 row dots for the hot legacy formats (Q8_0, Q4_0, Q4_1) with int8 activations.
+"""AVX2 row dots with int8 activations: Q8_0, Q4_0, Q4_1 (Q8_0/Q8_1 blocks of 32) and Q4_K,
+Q6_K (Q8_K blocks of 256), each bit-identical to ggml's AVX2 ``ggml_vec_dot_*``.
 
 numba never emits the unsigned-by-signed byte multiply-add (``vpmaddubsw``) on its own, so these
 row loops are written in LLVM IR with the ``llvm.x86.avx2.*`` target intrinsics, following
@@ -163,6 +164,185 @@ def _row_dot_codegen(kind):
         return builder.fadd(_hsum8(builder, builder.load(acc)), builder.load(extra))
 
     return codegen
+
+
+# --- K-quants on Q8_K activations (ggml_vec_dot_q4_K_q8_K / q6_K_q8_K, AVX2 paths) ------------
+
+_V4I32, _V4F32, _V8I16 = ir.VectorType(_I32, 4), ir.VectorType(_F32, 4), ir.VectorType(_I16, 8)
+
+
+def _bsplat(builder, byte, vtype):
+    return ir.Constant(vtype, [byte] * vtype.count)
+
+
+def _isum(builder, v, n):
+    """Sum of the ``n`` int32 lanes of ``v`` (exact; order irrelevant)."""
+    total = builder.extract_element(v, ir.Constant(_I32, 0))
+    for t in range(1, n):
+        total = builder.add(total, builder.extract_element(v, ir.Constant(_I32, t)))
+    return total
+
+
+def _kquant_codegen(kind):
+    """Row dot of Q4_K or Q6_K weights with Q8_K activations, following ggml's AVX2 loops.
+
+    Per block an 8 × int32 ``sumi`` (lane i holds bytes 4i..4i+3 of every 32-byte step, times its
+    sub-block scale). Q6_K, as ``ggml_vec_dot_q6_K_q8_K``: ``sumi`` minus the −32 offset from the
+    block sums, ``acc = fma(d, float(sumi), acc)`` per lane, ``hsum_float_8`` at the end —
+    bit-identical to ggml. Q4_K, as llama.cpp actually runs it on AVX2 (its Q4_K weights are
+    repacked 8 rows at a time, ``ggml_gemv/gemm_q4_K_8x8_q8_K``, for rows divisible by 8): one
+    exact int total per block, ``acc = fma(d, float(total), acc)`` and the min term
+    ``acc_m = fma(−dmin, float(Σ min·bsum), acc_m)`` as scalars, result ``acc + acc_m``.
+    """
+    from .kquants import Q4_K_TYPE_SIZE, Q6_K_TYPE_SIZE, QK_K
+
+    def codegen(context, builder, sig, args):
+        row_t, xq_t, xd_t, xb_t = sig.args
+        row = context.make_array(row_t)(context, builder, args[0])
+        xq = context.make_array(xq_t)(context, builder, args[1])
+        xd = context.make_array(xd_t)(context, builder, args[2])
+        xb = context.make_array(xb_t)(context, builder, args[3])
+        w_ptr = builder.bitcast(row.data, _I8.as_pointer())
+        x_ptr = builder.bitcast(xq.data, _I8.as_pointer())
+        b_ptr = builder.bitcast(xb.data, _I8.as_pointer())
+        nb = cgutils.unpack_tuple(builder, xd.shape, 1)[0]
+        intp = nb.type
+
+        def c(v):
+            return ir.Constant(intp, v)
+
+        def i32c(v):
+            return ir.Constant(_I32, v)
+
+        maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
+        maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
+        maddwd128 = _fn(builder, "llvm.x86.sse2.pmadd.wd", _V4I32, [_V8I16, _V8I16])
+        fma = _fn(builder, "llvm.fma.v8f32", _V8F32, [_V8F32, _V8F32, _V8F32])
+        m4 = _bsplat(builder, 0x0F, _V32I8)
+        fma1 = _fn(builder, "llvm.fma.f32", _F32, [_F32, _F32, _F32])
+        acc_p = cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8))
+        acc1_p = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+        accm_p = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+
+        with cgutils.for_range(builder, nb) as loop:
+            i = loop.index
+            dy = builder.load(builder.gep(xd.data, [i]))
+            xo = builder.mul(i, c(QK_K))
+            sumi = ir.Constant(_V8I32, [0] * 8)
+            if kind == "q4_k":
+                wo = builder.mul(i, c(Q4_K_TYPE_SIZE))
+                dw, dmw = _halves(builder, w_ptr, wo, 2)
+                d = builder.fmul(dy, dw)
+                dmin = builder.fneg(builder.fmul(dy, dmw))
+                # utmp shuffle of get_scale_min_k4: 8 scales then 8 mins, one byte each
+                u = [_load(builder, w_ptr, builder.add(wo, c(4 + 4 * t)), _I32) for t in range(3)]
+                k1, k2, k3 = i32c(0x3F3F3F3F), i32c(0x0F0F0F0F), i32c(0x03030303)
+                u3 = builder.or_(builder.and_(builder.lshr(u[2], i32c(4)), k2),
+                                 builder.shl(builder.and_(builder.lshr(u[1], i32c(6)), k3), i32c(4)))
+                uaux = builder.and_(u[1], k1)
+                u1 = builder.or_(builder.and_(u[2], k2),
+                                 builder.shl(builder.and_(builder.lshr(u[0], i32c(6)), k3), i32c(4)))
+                u0 = builder.and_(u[0], k1)
+                words = ir.Constant(_V4I32, [0] * 4)
+                for t, v in enumerate((u0, u1, uaux, u3)):
+                    words = builder.insert_element(words, v, i32c(t))
+                ms = builder.zext(builder.bitcast(words, _V16I8), _V16I16)     # scales | mins
+                mins = builder.shuffle_vector(ms, ms, ir.Constant(ir.VectorType(_I32, 8), list(range(8, 16))))
+                bs = _load(builder, b_ptr, builder.mul(i, c(32)), _V16I16)   # bsums[16]
+                ev = builder.shuffle_vector(bs, bs, ir.Constant(ir.VectorType(_I32, 8), list(range(0, 16, 2))))
+                od = builder.shuffle_vector(bs, bs, ir.Constant(ir.VectorType(_I32, 8), list(range(1, 16, 2))))
+                prod = builder.call(maddwd128, [mins, builder.add(ev, od)])     # hadd, madd
+                summ = _isum(builder, prod, 4)
+                builder.store(builder.call(fma1, [dmin, builder.sitofp(summ, _F32),
+                                                  builder.load(accm_p)]), accm_p)
+                for j in range(4):
+                    bits = _load(builder, w_ptr, builder.add(wo, c(16 + 32 * j)), _V32I8)
+                    q4l = builder.and_(bits, m4)
+                    q4h = builder.lshr(bits, _bsplat(builder, 4, _V32I8))
+                    q8l = _load(builder, x_ptr, builder.add(xo, c(64 * j)), _V32I8)
+                    q8h = _load(builder, x_ptr, builder.add(xo, c(64 * j + 32)), _V32I8)
+                    sl = _splat(builder, builder.extract_element(ms, i32c(2 * j)), _V16I16)
+                    sh = _splat(builder, builder.extract_element(ms, i32c(2 * j + 1)), _V16I16)
+                    p16l = builder.call(maddwd, [sl, builder.call(maddubs, [q4l, q8l])])
+                    p16h = builder.call(maddwd, [sh, builder.call(maddubs, [q4h, q8h])])
+                    sumi = builder.add(sumi, builder.add(p16l, p16h))
+            else:
+                wo = builder.mul(i, c(Q6_K_TYPE_SIZE))
+                d = builder.fmul(dy, _halves(builder, w_ptr, builder.add(wo, c(208)), 1)[0])
+                scales = _load(builder, w_ptr, builder.add(wo, c(192)), _V16I8)
+                m3 = _bsplat(builder, 3, _V32I8)
+                # the −32 offset from the block sums, 32·(bsum[2u]·sc[2u] + bsum[2u+1]·sc[2u+1])
+                # in lane u (current ggml; older builds subtracted maddubs(32, q8) per step, which
+                # spreads the same integer total over the lanes differently)
+                bs = _load(builder, b_ptr, builder.mul(i, c(32)), _V16I16)
+                sclsub = builder.shl(builder.call(maddwd, [bs, builder.sext(scales, _V16I16)]),
+                                     ir.Constant(_V8I32, [5] * 8))
+                for j in range(2):
+                    q4b1 = _load(builder, w_ptr, builder.add(wo, c(64 * j)), _V32I8)
+                    q4b2 = _load(builder, w_ptr, builder.add(wo, c(64 * j + 32)), _V32I8)
+                    hb = _load(builder, w_ptr, builder.add(wo, c(128 + 32 * j)), _V32I8)
+                    four = _bsplat(builder, 4, _V32I8)
+                    hs = [builder.shl(builder.and_(builder.lshr(hb, _bsplat(builder, 2 * t, _V32I8)), m3), four)
+                          for t in range(4)]
+                    qs = [builder.or_(builder.and_(q4b1, m4), hs[0]),
+                          builder.or_(builder.and_(q4b2, m4), hs[1]),
+                          builder.or_(builder.lshr(q4b1, four), hs[2]),
+                          builder.or_(builder.lshr(q4b2, four), hs[3])]
+                    p = []
+                    for t in range(4):
+                        q8 = _load(builder, x_ptr, builder.add(xo, c(128 * j + 32 * t)), _V32I8)
+                        p16 = builder.call(maddubs, [qs[t], q8])
+                        s = 8 * j + 2 * t              # scales s (lanes 0..7), s + 1 (8..15)
+                        sc = builder.sext(builder.shuffle_vector(
+                            scales, scales, ir.Constant(ir.VectorType(_I32, 16), [s] * 8 + [s + 1] * 8)),
+                            _V16I16)
+                        p.append(builder.call(maddwd, [sc, p16]))
+                    sumi = builder.add(sumi, builder.add(p[0], p[1]))
+                    sumi = builder.add(sumi, builder.add(p[2], p[3]))
+                sumi = builder.sub(sumi, sclsub)
+            if kind == "q4_k":       # one exact block total per row, as ggml's repacked Q4_K
+                builder.store(builder.call(fma1, [d, builder.sitofp(_isum(builder, sumi, 8), _F32),
+                                                  builder.load(acc1_p)]), acc1_p)
+            else:
+                builder.store(builder.call(fma, [_splat(builder, d, _V8F32),
+                                                 builder.sitofp(sumi, _V8F32),
+                                                 builder.load(acc_p)]), acc_p)
+        if kind == "q4_k":
+            return builder.fadd(builder.load(acc1_p), builder.load(accm_p))
+        return _hsum8(builder, builder.load(acc_p))
+
+    return codegen
+
+
+def _check_sig_k(row, xq, xd, xb):
+    return (isinstance(row, types.Array) and row.dtype == types.uint8 and row.layout == "C"
+            and isinstance(xq, types.Array) and xq.dtype == types.int8 and xq.layout == "C"
+            and isinstance(xd, types.Array) and xd.dtype == types.float32 and xd.layout == "C"
+            and isinstance(xb, types.Array) and xb.dtype == types.int16 and xb.layout == "C")
+
+
+@intrinsic
+def _row_dot_q4_k(typingctx, row, xq, xd, xb):
+    if _check_sig_k(row, xq, xd, xb):
+        return types.float32(row, xq, xd, xb), _kquant_codegen("q4_k")
+
+
+@intrinsic
+def _row_dot_q6_k(typingctx, row, xq, xd, xb):
+    if _check_sig_k(row, xq, xd, xb):
+        return types.float32(row, xq, xd, xb), _kquant_codegen("q6_k")
+
+
+@kernel
+def idot_q4_k_avx2(row, xq, xd, xb):
+    """Q4_K row · Q8_K activations (AVX2); same contract as ``kquants._idot_q4_k``."""
+    return _row_dot_q4_k(row, xq, xd, xb)
+
+
+@kernel
+def idot_q6_k_avx2(row, xq, xd, xb):
+    """Q6_K row · Q8_K activations (AVX2); same contract as ``kquants._idot_q6_k``."""
+    return _row_dot_q6_k(row, xq, xd, xb)
 
 
 def _check_sig(row, xq, xd, xs):

@@ -22,7 +22,8 @@ token's activations are quantized once per call into ``scratch`` (see :func:`act
 then every row is an integer dot product (llama.cpp's ``vec_dot_q4_1_q8_1`` scheme; Q8_0, Q4_0 and
 Q4_1 use the AVX2 kernels of :mod:`quant.avx2` when the CPU has AVX2). The K-quants (Q2_K..Q6_K)
 multiply with Q8_K activations (int8 per 256-block, float32 scale, int16 sums of each 16), as
-llama.cpp's ``vec_dot_q<n>_K_q8_K``. The float formats use the ``_dot_<f>`` row functions.
+llama.cpp's ``vec_dot_q<n>_K_q8_K`` (Q4_K and Q6_K through AVX2 kernels that reproduce ggml's
+lanes bit for bit). The float formats use the ``_dot_<f>`` row functions.
 
 Scratch layout (bytes, ``n`` tokens, ``nb = k / 32``), three row-major tables back to back::
 
@@ -56,9 +57,10 @@ from .legacy import QK, quantize_act_q8
 if avx2.HAVE_AVX2:
     _idot_q8_0, _idot_q4_0, _idot_q4_1 = (avx2.idot_q8_0_avx2, avx2.idot_q4_0_avx2,
                                           avx2.idot_q4_1_avx2)
+    _idot_q4_k, _idot_q6_k = avx2.idot_q4_k_avx2, avx2.idot_q6_k_avx2
 else:
     _idot_q8_0, _idot_q4_0, _idot_q4_1 = legacy._idot_q8_0, legacy._idot_q4_0, legacy._idot_q4_1
-_idot_q4_k, _idot_q6_k = kquants._idot_q4_k, kquants._idot_q6_k
+    _idot_q4_k, _idot_q6_k = kquants._idot_q4_k, kquants._idot_q6_k
 
 _F32 = int(GGMLType.F32)
 _F16 = int(GGMLType.F16)

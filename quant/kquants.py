@@ -581,8 +581,10 @@ KQUANT_FORMATS = FORMATS  # the name the quant registry imports
 # of each 16 quants. The row dots below follow the AVX2 ``ggml_vec_dot_q<n>_K_q8_K`` per block:
 # an exact int32 sum of ``scale · q · q8`` over the block, times ``d = d_x · f16(x.d)``, plus for
 # the formats with mins the ``−d_x · f16(x.dmin) · Σ min · bsum`` term from the block sums.
-# (The AVX2 kernels spread the integer sum over 8 lanes, scaled separately; here it is one sum
-# per block, so the float rounding differs from theirs by a few ulps of the row result.)
+# One exact integer total per block, one fma per block: that is also how llama.cpp runs Q4_K on
+# AVX2 CPUs, whose Q4_K weights it repacks 8 rows at a time (``ggml_gemv/gemm_q4_K_8x8_q8_K``).
+# ggml's plain AVX2 ``vec_dot`` kernels spread the sum over 8 float lanes instead, which rounds
+# differently by a few ulps of the row result; :mod:`quant.avx2` reproduces those lanes for Q6_K.
 
 
 @kernel

@@ -254,3 +254,71 @@ def test_integer_dots_are_vectorized(qtype):
     fn(np.zeros(2 * size, np.uint8), np.zeros(512, np.int8), np.ones(2, np.float32), np.zeros(32, np.int16))
     asm = "\n".join(fn.inspect_asm().values())
     assert re.search(r"\bv(pmaddwd|pmulld|pdpwssd)\b[^\n]*%[yz]mm", asm), qtype.name
+
+
+def _ggml_avx2_k_dot(qtype, blocks, xq, xd, xb) -> np.float32:
+    """ggml's AVX2 ``vec_dot_q4_K_q8_K`` / ``q6_K_q8_K`` replayed lane by lane in numpy (the Q4_K
+    kernel runs llama.cpp's repacked order instead; this lane form checked the emulation against
+    libggml-cpu while writing it): int32 lane u
+    of a block holds the products of the bytes 4u..4u+3 of every 32-value step (scaled by their
+    sub-block scale); Q6_K subtracts ``32·(bsum[2u]·sc[2u] + bsum[2u+1]·sc[2u+1])`` from lane u;
+    ``acc = fma(d, float(lane), acc)`` per block (fma as an exact float64 product plus one
+    rounding), Q4_K's min term in a 4-lane ``acc_m``; the end is ``hsum_float_8`` plus the
+    ``acc_m`` sum ((m0+m2)+(m1+m3))."""
+    f32 = np.float32
+    nb = blocks.shape[0]
+    iw, mins = _integer_weights(qtype, blocks)
+    q8 = xq.reshape(nb, QK_K).astype(np.int64)
+    bs = xb.reshape(nb, 16).astype(np.int64)
+    lane_of = (np.arange(QK_K) % 32) // 4
+    acc, acc_m = np.zeros(8, np.float32), np.zeros(4, np.float32)
+    for b in range(nb):
+        dy = xd[b]
+        if qtype == GGMLType.Q6_K:
+            sc = blocks[b, 192:208].view(np.int8).astype(np.int64)
+            prod = (iw[b] + 32 * np.repeat(sc, 16)) * q8[b]              # unsigned 6-bit q
+            lanes = np.bincount(lane_of, weights=prod, minlength=8).astype(np.int64)
+            lanes -= 32 * (bs[b] * sc).reshape(8, 2).sum(axis=1)
+            d = f32(dy * f16_scales(blocks[b:b + 1], 208)[0, 0])
+        else:
+            lanes = np.bincount(lane_of, weights=iw[b] * q8[b], minlength=8).astype(np.int64)
+            d = f32(dy * f16_scales(blocks[b:b + 1], 0)[0, 0])
+            dmin = -f32(dy * f16_scales(blocks[b:b + 1], 2)[0, 0])
+            m = mins[b, ::2]                                             # one min per 32
+            s = bs[b].reshape(8, 2).sum(axis=1)
+            pm = (m * s).reshape(4, 2).sum(axis=1)
+            acc_m = (np.float64(dmin) * pm.astype(np.float32).astype(np.float64)
+                     + acc_m.astype(np.float64)).astype(np.float32)
+        acc = (np.float64(d) * lanes.astype(np.float32).astype(np.float64)
+               + acc.astype(np.float64)).astype(np.float32)
+    r = acc[4:] + acc[:4]
+    total = f32(f32(r[0] + r[2]) + f32(r[1] + r[3]))
+    if qtype == GGMLType.Q4_K:
+        total = f32(total + f32(f32(acc_m[0] + acc_m[2]) + f32(acc_m[1] + acc_m[3])))
+    return total
+
+
+@pytest.mark.skipif(not __import__("quant").avx2.HAVE_AVX2, reason="needs AVX2")
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_K, GGMLType.Q6_K], ids=["Q4_K", "Q6_K"])
+def test_avx2_k_dot_bit_exact_vs_ggml_lanes(qtype):
+    from quant import avx2, kernels
+    rng = np.random.default_rng(400 + int(qtype))
+    nb = 8
+    fast = getattr(avx2, f"idot_{qtype.name.lower()}_avx2")
+    assert getattr(kernels, f"_idot_{qtype.name.lower()}") is fast       # matmul uses it
+    for rep in range(12):
+        blocks = rng.integers(0, 256, (nb, KQUANT_FORMATS[qtype].type_size), dtype=np.uint8)
+        for off in F16_OFFSETS[qtype]:
+            blocks[:, off:off + 2] = (rng.standard_normal(nb) * 0.01).astype(np.float16).view(np.uint8).reshape(nb, 2)
+        x = (rng.standard_normal(nb * QK_K) * rng.uniform(0.1, 4, nb * QK_K)).astype(np.float32)
+        xq, xd, xb = quantize_q8k(x)
+        got = np.float32(fast(blocks.reshape(-1), xq, xd, xb))
+        slow = np.float32(getattr(kquants, f"_idot_{qtype.name.lower()}")(blocks.reshape(-1), xq, xd, xb))
+        if qtype == GGMLType.Q6_K:      # ggml_vec_dot_q6_K_q8_K's lanes
+            want = _ggml_avx2_k_dot(qtype, blocks, xq, xd, xb)
+            w = KQUANT_FORMATS[qtype].dequantize_ref(blocks).astype(np.float64).reshape(-1)
+            assert abs(got - slow) <= 1e-5 * (np.abs(w) @ (np.abs(xq) * np.repeat(np.abs(xd), QK_K)))
+        else:                           # repacked Q4_K: block totals, like the portable loop
+            want = _emulate_ggml_k_dot(qtype, blocks, xq, xd, xb)
+            assert got.view(np.uint32) == slow.view(np.uint32)
+        assert got.view(np.uint32) == want.view(np.uint32), (rep, got, want)

@@ -117,7 +117,6 @@ def _row_dot_codegen(kind):
         maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
         sign = _fn(builder, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8])
         fma = _fn(builder, "llvm.fma.v8f32", _V8F32, [_V8F32, _V8F32, _V8F32])
-        fma1 = _fn(builder, "llvm.fma.f32", _F32, [_F32, _F32, _F32])
         ones16 = ir.Constant(_V16I16, [1] * 16)
         low4 = ir.Constant(_V16I8, [0x0F] * 16)
         four = ir.Constant(_V16I8, [4] * 16)
@@ -148,20 +147,28 @@ def _row_dot_codegen(kind):
                 d, m = _halves(builder, w_ptr, wb, 2)
                 scale = builder.fmul(_splat(builder, d, _V8F32), xdb)
                 xsb = builder.load(builder.gep(xs.data, [b]))
-                # ggml's scalar summs += m · s (both halves: the product is exact, fma or not)
-                builder.store(builder.call(fma1, [m, xsb, builder.load(extra_ptr)]), extra_ptr)
+                builder.store(builder.fadd(builder.load(extra_ptr), builder.fmul(m, xsb)),
+                              extra_ptr)
             else:
                 scale = builder.fmul(_half_splat(builder, w_ptr, wb), xdb)
             acc = builder.call(fma, [builder.sitofp(p, _V8F32), scale, builder.load(acc_ptr)])
             builder.store(acc, acc_ptr)
 
-        # one accumulator in block order and ggml's hsum, so the row result is bit-identical to
-        # ggml's AVX2 vec_dot (two chains would hide the fma latency but change the rounding)
-        acc = cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8))
-        extra = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
-        with cgutils.for_range(builder, nb) as loop:
-            block(loop.index, acc, extra)
-        return builder.fadd(_hsum8(builder, builder.load(acc)), builder.load(extra))
+        # two independent accumulator chains (even / odd blocks) hide the fma latency
+        zero8 = ir.Constant(_V8F32, [0.0] * 8)
+        accs = [cgutils.alloca_once_value(builder, zero8) for _ in range(2)]
+        extras = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(2)]
+        pairs = builder.udiv(nb, ir.Constant(intp, 2))
+        with cgutils.for_range(builder, pairs) as loop:
+            b0 = builder.mul(loop.index, ir.Constant(intp, 2))
+            block(b0, accs[0], extras[0])
+            block(builder.add(b0, ir.Constant(intp, 1)), accs[1], extras[1])
+        odd = builder.icmp_unsigned("!=", builder.mul(pairs, ir.Constant(intp, 2)), nb)
+        with builder.if_then(odd):
+            block(builder.sub(nb, ir.Constant(intp, 1)), accs[0], extras[0])
+        acc = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
+        total = builder.fadd(builder.load(extras[0]), builder.load(extras[1]))
+        return builder.fadd(total, _hsum8(builder, acc))
 
     return codegen
 

@@ -20,9 +20,10 @@ test:
 	$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests were collected"; exit 1; fi; exit $$rc
 
+# throughput regression tests: ratios vs tests/perf_baseline.json (tests/test_perf.py), a few minutes
 perf:
 	$(PY) -m pytest -q -m perf tests; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "no perf tests were collected"; exit 0; fi; exit $$rc
+	if [ $$rc -eq 5 ]; then echo "no perf tests were collected"; exit 1; fi; exit $$rc
 
 chat:
 	$(VENV)/bin/cpuinfer run $(MODEL)

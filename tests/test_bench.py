@@ -47,3 +47,10 @@ def test_bench_bad_flags(argv, msg, capsys):
     assert main(["bench", str(FILES[0]), *argv]) == 1
     err = capsys.readouterr().err
     assert err.startswith("cpuinfer: ") and msg in err and err.count("\n") == 1
+
+
+def test_ttft_times_a_fresh_process():
+    starts = bench.time_to_first_token(str(FILES[0]), threads=1, starts=1, prompt="hi")
+    assert len(starts) == 1 and 0 < starts[0]["ttft_s"] <= starts[0]["exit_s"]
+    with pytest.raises(bench.CpuinferError, match="--ttft: cpuinfer run .*missing.gguf failed"):
+        bench.time_to_first_token("/nonexistent/missing.gguf", starts=1)

@@ -10,6 +10,7 @@ optional ``peers`` extra) in the same process and reports the ratios.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -57,28 +58,34 @@ def _prompt_ids(n_vocab: int, n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(0, n_vocab, n).tolist()
 
 
-def time_cpuinfer(model, n_prompt: int, n_gen: int, reps: int) -> tuple[list[float], list[float]]:
-    """Per repetition: prompt tokens/s and decode tokens/s (the decode tokens follow the prompt)."""
+class _Timer:
+    """Timed repetitions of one engine on a fixed token list: the prompt as one batch from an
+    empty context, then the decode tokens one at a time. ``rep()`` -> (prompt t/s, decode t/s)."""
+
+    def __init__(self, eval_batch, reset, ids: list[int], n_prompt: int):
+        self.eval, self.reset, self.ids, self.n_prompt = eval_batch, reset, ids, n_prompt
+        self.eval(ids[:2])          # compile / load kernels and touch the weights outside the timing
+        self.reset()
+
+    def rep(self) -> tuple[float, float]:
+        ids, n_prompt = self.ids, self.n_prompt
+        self.reset()
+        t0 = time.perf_counter()
+        self.eval(ids[:n_prompt])
+        t1 = time.perf_counter()
+        for tok in ids[n_prompt:]:
+            self.eval([tok])
+        t2 = time.perf_counter()
+        return n_prompt / (t1 - t0), (len(ids) - n_prompt) / (t2 - t1)
+
+
+def cpuinfer_timer(model, n_prompt: int, n_gen: int) -> _Timer:
     ids = _prompt_ids(model.n_vocab, n_prompt + n_gen)
     session = model.new_session(n_prompt + n_gen + 1)
-    session.eval(ids[:2])          # compile / load kernels outside the timing
-    session.reset()
-    session.eval([ids[0]])
-    pp, tg = [], []
-    for _ in range(reps):
-        session.reset()
-        t0 = time.perf_counter()
-        session.eval(ids[:n_prompt])
-        t1 = time.perf_counter()
-        for tok in ids[n_prompt:n_prompt + n_gen]:
-            session.eval([tok])
-        t2 = time.perf_counter()
-        pp.append(n_prompt / (t1 - t0))
-        tg.append(n_gen / (t2 - t1))
-    return pp, tg
+    return _Timer(session.eval, session.reset, ids, n_prompt)
 
 
-def time_llama_cpp(path: str, threads: int, n_prompt: int, n_gen: int, reps: int, n_vocab: int):
+def llama_cpp_timer(path: str, threads: int, n_prompt: int, n_gen: int, n_vocab: int) -> _Timer | None:
     """The same measurement through llama.cpp; None when llama-cpp-python is not installed."""
     try:
         import llama_cpp
@@ -86,21 +93,19 @@ def time_llama_cpp(path: str, threads: int, n_prompt: int, n_gen: int, reps: int
         return None
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_prompt + n_gen + 8, n_threads=threads,
                           n_threads_batch=threads, n_batch=max(n_prompt, 8), verbose=False)
-    ids = _prompt_ids(n_vocab, n_prompt + n_gen)
-    llm.eval(ids[:2])
-    pp, tg = [], []
+    return _Timer(llm.eval, llm.reset, _prompt_ids(n_vocab, n_prompt + n_gen), n_prompt)
+
+
+def time_interleaved(timers: list[_Timer], reps: int) -> list[tuple[list[float], list[float]]]:
+    """``reps`` repetitions of every timer, alternating between them, so that load from other
+    processes on a shared machine hits all engines alike; per timer (prompt t/s, decode t/s) lists."""
+    res = [([], []) for _ in timers]
     for _ in range(reps):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(ids[:n_prompt])
-        t1 = time.perf_counter()
-        for tok in ids[n_prompt:n_prompt + n_gen]:
-            llm.eval([tok])
-        t2 = time.perf_counter()
-        pp.append(n_prompt / (t1 - t0))
-        tg.append(n_gen / (t2 - t1))
-    del llm
-    return pp, tg
+        for tm, (pp, tg) in zip(timers, res):
+            a, b = tm.rep()
+            pp.append(a)
+            tg.append(b)
+    return res
 
 
 def streamed_bytes_per_token(model, ctx: int) -> int:
@@ -116,6 +121,9 @@ def _mean_std(xs):
 def bench_model(path: str, threads: list[int], n_prompt: int, n_gen: int, reps: int,
                 vs_llama_cpp: bool = False, measure_bandwidth: bool = True,
                 numa: str = "auto") -> list[BenchRecord]:
+    """One record per thread count. Means ± spread are over ``reps``; ``extra`` carries the best
+    repetition (``pp_tps_best``, ``tg_tps_best``, and with llama.cpp ``llama_cpp_*_best``), which
+    the throughput regression tests compare because it is the least disturbed by other load."""
     import cpuinfer
 
     model = cpuinfer.load(path, threads=threads[0], n_ctx=n_prompt + n_gen + 1, numa=numa)
@@ -126,26 +134,113 @@ def bench_model(path: str, threads: list[int], n_prompt: int, n_gen: int, reps: 
             model = cpuinfer.load(path, threads=t, n_ctx=n_prompt + n_gen + 1, numa=numa)  # rows follow t
         else:
             set_threads(t)
-        pp, tg = time_cpuinfer(model, n_prompt, n_gen, reps)
+        timers, peer = [cpuinfer_timer(model, n_prompt, n_gen)], None
+        if vs_llama_cpp:
+            peer = llama_cpp_timer(path, t, n_prompt, n_gen, model.n_vocab)
+            if peer is None:
+                raise CpuinferError("--vs-llama-cpp needs llama-cpp-python: pip install 'cpuinfer[peers]'")
+            timers.append(peer)
+        results = time_interleaved(timers, reps)
+        pp, tg = results[0]
         bpt = streamed_bytes_per_token(model, n_prompt + n_gen // 2)
         (pp_m, pp_s), (tg_m, tg_s) = _mean_std(pp), _mean_std(tg)
         rec = BenchRecord(model=str(path), arch=model.arch, threads=t, n_prompt=n_prompt, n_gen=n_gen,
                           pp_tps=pp_m, pp_tps_std=pp_s, tg_tps=tg_m, tg_tps_std=tg_s,
                           bytes_per_token=bpt, gbps=bpt * tg_m / 1e9)
         rec.extra["numa"] = model.numa_plan.policy if model.numa_plan is not None else "off"
+        rec.extra["pp_tps_best"], rec.extra["tg_tps_best"] = max(pp), max(tg)
         read_gbps = measure_read_gbps(t) if measure_bandwidth else None
         if read_gbps:
             rec.read_gbps = read_gbps
             rec.bw_fraction = rec.gbps / read_gbps
         if vs_llama_cpp:
-            peer = time_llama_cpp(path, t, n_prompt, n_gen, reps, model.n_vocab)
-            if peer is None:
-                raise CpuinferError("--vs-llama-cpp needs llama-cpp-python: pip install 'cpuinfer[peers]'")
-            rec.llama_cpp_pp_tps, rec.llama_cpp_tg_tps = _mean_std(peer[0])[0], _mean_std(peer[1])[0]
+            lpp, ltg = results[1]
+            rec.llama_cpp_pp_tps, rec.llama_cpp_tg_tps = _mean_std(lpp)[0], _mean_std(ltg)[0]
             rec.pp_ratio = pp_m / rec.llama_cpp_pp_tps
             rec.tg_ratio = tg_m / rec.llama_cpp_tg_tps
+            rec.extra["llama_cpp_pp_tps_best"], rec.extra["llama_cpp_tg_tps_best"] = max(lpp), max(ltg)
+        timers = peer = None    # frees llama.cpp's copy of the model before the next thread count
         records.append(rec)
     return records
+
+
+# -- throughput regression checks (tests/test_perf.py, ``make perf``) -----------------------------
+
+def efficiency(rec: BenchRecord) -> dict[str, float]:
+    """Machine-independent ratios of one record, each measured within one run (best repetitions):
+
+    * ``bw_fraction`` — decode GB/s ÷ the read bandwidth measured beside it,
+    * ``pp_over_tg`` — prompt t/s ÷ decode t/s (how much batching the mat-mat path gains),
+    * ``tg_ratio`` / ``pp_ratio`` — cpuinfer ÷ llama.cpp, when llama.cpp ran.
+    """
+    x = rec.extra
+    out = {"pp_over_tg": x["pp_tps_best"] / x["tg_tps_best"]}
+    if rec.read_gbps:
+        out["bw_fraction"] = rec.bytes_per_token * x["tg_tps_best"] / 1e9 / rec.read_gbps
+    if "llama_cpp_tg_tps_best" in x:
+        out["tg_ratio"] = x["tg_tps_best"] / x["llama_cpp_tg_tps_best"]
+        out["pp_ratio"] = x["pp_tps_best"] / x["llama_cpp_pp_tps_best"]
+    return out
+
+
+def best_of(records: list[BenchRecord]) -> BenchRecord:
+    """Records of the same case from several runs merged into one whose best throughputs and
+    read bandwidth are the best of all runs (ratios are then formed from those, so a run slowed
+    on one side by other processes does not skew them)."""
+    out = dataclasses.replace(records[0], extra=dict(records[0].extra))
+    out.read_gbps = max((r.read_gbps for r in records if r.read_gbps), default=None)
+    for key in ("pp_tps_best", "tg_tps_best", "llama_cpp_pp_tps_best", "llama_cpp_tg_tps_best"):
+        vals = [r.extra[key] for r in records if key in r.extra]
+        if vals:
+            out.extra[key] = max(vals)
+    return out
+
+
+def regressions(measured: dict[str, float], baseline: dict[str, float], tolerance: float) -> list[str]:
+    """One message per ratio in ``baseline`` that ``measured`` has and that fell below
+    ``baseline × tolerance`` (ratios not measured this time, e.g. without llama.cpp, are skipped)."""
+    if not 0 < tolerance <= 1:
+        raise CpuinferError(f"tolerance must be in (0, 1], got {tolerance}")
+    out = []
+    for key, base in sorted(baseline.items()):
+        got = measured.get(key)
+        if got is not None and got < base * tolerance:
+            out.append(f"{key} = {got:.3f} < {tolerance:g} × baseline {base:.3f}")
+    return out
+
+
+# -- time to first token of a fresh process (``--ttft``) -----------------------------------------
+
+TTFT_PROMPT = "What is the capital of France?"
+
+
+def time_to_first_token(path: str, threads: int | None = None, starts: int = 2,
+                        prompt: str = TTFT_PROMPT) -> list[dict[str, float]]:
+    """Start ``cpuinfer run MODEL -p PROMPT --max-tokens 1 --temp 0`` ``starts`` times in a
+    new process and time, per start, the first byte of the answer on stdout (``ttft_s``) and the
+    exit (``exit_s``) from the moment the process is spawned — imports, file mapping, numba's
+    cache loads (or compilation on a first start), the prompt and one sampled token. The first
+    start fills numba's disk cache and the page cache; later ones are what a user sees again."""
+    import subprocess
+
+    cmd = [sys.executable, "-c", "import sys; from cpuinfer.cli import main; sys.exit(main())",
+           "run", str(path), "-p", prompt, "--max-tokens", "1", "--temp", "0"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    out = []
+    for _ in range(starts):
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = proc.stdout.read(1)
+        t1 = time.perf_counter()
+        rest, err = proc.communicate()
+        t2 = time.perf_counter()
+        if proc.returncode != 0 or not first:
+            msg = err.decode(errors="replace").strip().splitlines()
+            raise CpuinferError(f"--ttft: cpuinfer run {path} failed (exit {proc.returncode}): "
+                                f"{msg[-1] if msg else 'no output'}")
+        out.append({"ttft_s": t1 - t0, "exit_s": t2 - t0})
+    return out
 
 
 def _fmt(v, spec=".1f"):
@@ -178,8 +273,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON record per model × thread count")
     p.add_argument("--vs-llama-cpp", action="store_true", help="also run llama.cpp (llama-cpp-python) and print ratios")
     p.add_argument("--no-bandwidth", action="store_true", help="skip measuring the read bandwidth")
+    p.add_argument("--ttft", action="store_true",
+                   help="instead: time to first token of `cpuinfer run -p` in a new process, first and second start")
     p.add_argument("--numa", default="auto", metavar="POLICY",
                    help="NUMA placement: auto, off, interleave, distribute, isolate[:NODE] (default auto)")
+
+
+def run_ttft(paths: list[str], threads: list[int], as_json: bool, out=sys.stdout) -> int:
+    rows = []
+    for path in paths:
+        for t in threads:
+            starts = time_to_first_token(path, t)
+            rows.append({"model": str(path), "threads": t, "ttft_first_s": starts[0]["ttft_s"],
+                         "ttft_second_s": starts[1]["ttft_s"], "exit_second_s": starts[1]["exit_s"]})
+    if as_json:
+        for r in rows:
+            print(json.dumps(r), file=out)
+        return 0
+    print("| model | threads | first start: first token (s) | second start: first token (s) |"
+          " second start: exit (s) |", file=out)
+    print("|---|---|---|---|---|", file=out)
+    for r in rows:
+        print(f"| {r['model'].rsplit('/', 1)[-1]} | {r['threads']} | {r['ttft_first_s']:.2f} | "
+              f"{r['ttft_second_s']:.2f} | {r['exit_second_s']:.2f} |", file=out)
+    return 0
 
 
 def measure_read_gbps(threads: int) -> float:
@@ -197,6 +314,8 @@ def run(args: argparse.Namespace) -> int:
             raise CpuinferError(f"{name} must be at least 1, got {v}")
     threads = parse_threads(args.threads) if args.threads else [default_threads()]
     paths = args.model or [str(bundled_model_path())]
+    if args.ttft:
+        return run_ttft(paths, threads, args.json)
     records = []
     for path in paths:
         records += bench_model(path, threads, args.n_prompt, args.n_gen, args.repetitions,

@@ -54,3 +54,15 @@ def test_ttft_times_a_fresh_process():
     assert len(starts) == 1 and 0 < starts[0]["ttft_s"] <= starts[0]["exit_s"]
     with pytest.raises(bench.CpuinferError, match="--ttft: cpuinfer run .*missing.gguf failed"):
         bench.time_to_first_token("/nonexistent/missing.gguf", starts=1)
+
+
+def test_bench_markdown_readme_table(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CPUINFER_CACHE_DIR", str(tmp_path))
+    assert main(["bench", str(FILES[0]), "-t", "1", "-p", "4", "-n", "2", "-r", "1", "--markdown",
+                 "--no-bandwidth"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| machine | model | threads | tg t/s |") and lines[1].startswith("|---")
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[0] == bench.machine_description() and cells[1] == FILES[0].name and cells[2] == "1"
+    assert float(cells[3]) > 0 and cells[6] == "-" and cells[7] == "-"
+    assert lines[-1] == f"`cpuinfer bench {FILES[0]} -t 1 -p 4 -n 2 -r 1 --no-bandwidth --markdown`"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -247,7 +248,8 @@ def _fmt(v, spec=".1f"):
     return "-" if v is None else format(v, spec)
 
 
-def print_table(records: list[BenchRecord], out=sys.stdout) -> None:
+def print_table(records: list[BenchRecord], out=None) -> None:
+    out = out or sys.stdout
     cols = ["model", "threads", "pp t/s", "tg t/s", "MB/token", "GB/s", "% of read BW",
             "llama.cpp pp", "llama.cpp tg", "pp ratio", "tg ratio"]
     rows = []
@@ -264,6 +266,31 @@ def print_table(records: list[BenchRecord], out=sys.stdout) -> None:
         print("| " + " | ".join(row) + " |", file=out)
 
 
+def machine_description() -> str:
+    """``<lscpu model name>, <n> cores, <GB> GB`` of this machine, for the README table."""
+    from tools.bandwidth import machine_identity
+    ident = machine_identity()
+    return f"{ident['cpu_model']}, {ident['logical_cpus']} cores, {ident['memory_bytes'] / 1e9:.0f} GB"
+
+
+def print_readme_table(records: list[BenchRecord], command: str, out=None) -> None:
+    out = out or sys.stdout
+    """The README results table: machine, model, threads, tg/pp t/s, GB/s, % of the read
+    bandwidth, ratios vs llama.cpp, and the command line that produced it."""
+    machine = machine_description()
+    cols = ["machine", "model", "threads", "tg t/s", "pp t/s", "GB/s", "% of read BW",
+            "tg vs llama.cpp", "pp vs llama.cpp"]
+    print("| " + " | ".join(cols) + " |", file=out)
+    print("|" + "|".join("---" for _ in cols) + "|", file=out)
+    for r in records:
+        row = [machine, r.model.rsplit("/", 1)[-1], str(r.threads), f"{r.tg_tps:.1f}", f"{r.pp_tps:.1f}",
+               f"{r.gbps:.1f}", _fmt(None if r.bw_fraction is None else 100 * r.bw_fraction, ".0f"),
+               _fmt(r.tg_ratio, ".2f") + ("×" if r.tg_ratio is not None else ""),
+               _fmt(r.pp_ratio, ".2f") + ("×" if r.pp_ratio is not None else "")]
+        print("| " + " | ".join(row) + " |", file=out)
+    print(f"\n`{command}`", file=out)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="*", help="GGUF file(s); default: the bundled SmolLM2-135M Q4_1")
     p.add_argument("-t", "--threads", default=None, help="comma-separated thread counts (default: physical cores)")
@@ -273,13 +300,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON record per model × thread count")
     p.add_argument("--vs-llama-cpp", action="store_true", help="also run llama.cpp (llama-cpp-python) and print ratios")
     p.add_argument("--no-bandwidth", action="store_true", help="skip measuring the read bandwidth")
+    p.add_argument("--markdown", action="store_true",
+                   help="the README results table (machine column, ratios, the command line) instead")
     p.add_argument("--ttft", action="store_true",
                    help="instead: time to first token of `cpuinfer run -p` in a new process, first and second start")
     p.add_argument("--numa", default="auto", metavar="POLICY",
                    help="NUMA placement: auto, off, interleave, distribute, isolate[:NODE] (default auto)")
 
 
-def run_ttft(paths: list[str], threads: list[int], as_json: bool, out=sys.stdout) -> int:
+def run_ttft(paths: list[str], threads: list[int], as_json: bool, out=None) -> int:
+    out = out or sys.stdout
     rows = []
     for path in paths:
         for t in threads:
@@ -305,6 +335,16 @@ def measure_read_gbps(threads: int) -> float:
     return bandwidth.quick_read_gbps(threads)
 
 
+def command_line(args: argparse.Namespace, threads: list[int]) -> str:
+    """The ``cpuinfer bench`` command that reproduces this run (model paths as given)."""
+    parts = ["cpuinfer", "bench", *args.model, "-t", ",".join(map(str, threads)), "-p", str(args.n_prompt),
+             "-n", str(args.n_gen), "-r", str(args.repetitions)]
+    parts += ["--vs-llama-cpp"] * bool(args.vs_llama_cpp) + ["--no-bandwidth"] * bool(args.no_bandwidth)
+    if args.numa != "auto":
+        parts += ["--numa", args.numa]
+    return " ".join(shlex.quote(p) for p in parts + ["--markdown"])
+
+
 def run(args: argparse.Namespace) -> int:
     from cpuinfer.bundled import bundled_model_path
     from cpuinfer.model import default_threads
@@ -326,6 +366,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         for r in records:
             print(json.dumps(asdict(r)))
+    elif args.markdown:
+        print_readme_table(records, command_line(args, threads))
     else:
         print_table(records)
     return 0

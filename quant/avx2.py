@@ -28,17 +28,6 @@ from numba.extending import intrinsic
 from .jit import kernel
 
 
-def _host_has_avx2() -> bool:
-    """True when numba compiles for a CPU with AVX2 (the host, unless NUMBA_CPU_NAME says else)."""
-    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
-        return "+avx2" in (numba.config.CPU_FEATURES or "")
-    try:
-        return bool(llvm.get_host_cpu_features().get("avx2", False))
-    except Exception:
-        return False
-
-
-HAVE_AVX2 = _host_has_avx2()
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32 = ir.FloatType()
@@ -99,61 +88,98 @@ def _hsum8(builder, v):
     return builder.extract_element(v, ir.Constant(_I32, 0))
 
 
-def _row_dot_codegen(kind):
+def host_has(*features: str) -> bool:
+    """True when numba compiles for a CPU with all ``features`` (LLVM names such as ``"avx2"``):
+    the host's, unless ``NUMBA_CPU_NAME`` names another target, then ``NUMBA_CPU_FEATURES``."""
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
+        given = [f.strip() for f in (numba.config.CPU_FEATURES or "").split(",")]
+        return all(f"+{f}" in given for f in features)
+    try:
+        host = llvm.get_host_cpu_features()
+        return all(bool(host.get(f, False)) for f in features)
+    except Exception:
+        return False
+
+
+HAVE_AVX2 = host_has("avx2")
+"""Whether the compile target can run this module's kernels."""
+
+
+def row_args(context, builder, sig, args):
+    """(w_ptr, x_ptr, xd_data, xs_data, nb) of a ``(row, xq, xd, xs)`` intrinsic call:
+    byte pointers to the row and the int8 activations, float pointers to the per-block tables,
+    and the block count (``xd.shape[0]``, an ``intp``)."""
+    row_t, xq_t, xd_t, xs_t = sig.args
+    row = context.make_array(row_t)(context, builder, args[0])
+    xq = context.make_array(xq_t)(context, builder, args[1])
+    xd = context.make_array(xd_t)(context, builder, args[2])
+    xs = context.make_array(xs_t)(context, builder, args[3])
+    nb = cgutils.unpack_tuple(builder, xd.shape, 1)[0]
+    return (builder.bitcast(row.data, _I8.as_pointer()), builder.bitcast(xq.data, _I8.as_pointer()),
+            xd.data, xs.data, nb)
+
+
+def block_step(builder, kind, ptrs, b, acc_ptr, extra_ptr):
+    """Accumulate 32-block ``b`` into the 8 × float32 ``*acc_ptr`` (and Q4_1's ``*extra_ptr``).
+
+    ``ptrs`` is :func:`row_args`'s result. Exactly: ``acc = fma(float(p), d_w · xd[b], acc)``
+    with ``p[i]`` the integer sum over block bytes ``4i..4i+3`` (Q4: of low nibbles ‖ high
+    nibbles), and for Q4_1 ``extra = extra + m_w · xs[b]`` (multiply, then add).
+    """
+    w_ptr, x_ptr, xd_data, xs_data, nb = ptrs
+    intp = nb.type
     block_bytes, q_offset = _LAYOUT[kind]
+    maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
+    maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
+    sign = _fn(builder, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8])
+    fma = _fn(builder, "llvm.fma.v8f32", _V8F32, [_V8F32, _V8F32, _V8F32])
+    ones16 = ir.Constant(_V16I16, [1] * 16)
+    low4 = ir.Constant(_V16I8, [0x0F] * 16)
+    four = ir.Constant(_V16I8, [4] * 16)
+    concat = ir.Constant(ir.VectorType(_I32, 32), list(range(32)))
 
+    wb = builder.mul(b, ir.Constant(intp, block_bytes))
+    y = _load(builder, x_ptr, builder.mul(b, ir.Constant(intp, 32)), _V32I8)
+    qpos = builder.add(wb, ir.Constant(intp, q_offset))
+    if kind == _Q4_1:
+        packed = _load(builder, w_ptr, qpos, _V16I8)
+        q = builder.shuffle_vector(builder.and_(packed, low4), builder.lshr(packed, four),
+                                   concat)                 # unsigned 0..15
+    else:
+        if kind == _Q8_0:
+            w = _load(builder, w_ptr, qpos, _V32I8)
+        else:                                               # Q4_0: signed q - 8
+            packed = _load(builder, w_ptr, qpos, _V16I8)
+            w = builder.sub(builder.shuffle_vector(builder.and_(packed, low4),
+                                                   builder.lshr(packed, four), concat),
+                            ir.Constant(_V32I8, [8] * 32))
+        q = builder.call(sign, [w, w])            # |w| (-128 -> 128 as unsigned)
+        y = builder.call(sign, [y, w])            # y * sign(w)
+    p = builder.call(maddwd, [builder.call(maddubs, [q, y]), ones16])
+    xdb = _splat(builder, builder.load(builder.gep(xd_data, [b])), _V8F32)
+    if kind == _Q4_1:
+        d, m = _halves(builder, w_ptr, wb, 2)
+        scale = builder.fmul(_splat(builder, d, _V8F32), xdb)
+        xsb = builder.load(builder.gep(xs_data, [b]))
+        builder.store(builder.fadd(builder.load(extra_ptr), builder.fmul(m, xsb)), extra_ptr)
+    else:
+        scale = builder.fmul(_half_splat(builder, w_ptr, wb), xdb)
+    acc = builder.call(fma, [builder.sitofp(p, _V8F32), scale, builder.load(acc_ptr)])
+    builder.store(acc, acc_ptr)
+
+
+def finish_row(builder, accs, extras):
+    """The row's result from the even/odd-block accumulators: ``(e0 + e1) + hsum8(a0 + a1)``."""
+    acc = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
+    total = builder.fadd(builder.load(extras[0]), builder.load(extras[1]))
+    return builder.fadd(total, _hsum8(builder, acc))
+
+
+def _row_dot_codegen(kind):
     def codegen(context, builder, sig, args):
-        row_t, xq_t, xd_t, xs_t = sig.args
-        row = context.make_array(row_t)(context, builder, args[0])
-        xq = context.make_array(xq_t)(context, builder, args[1])
-        xd = context.make_array(xd_t)(context, builder, args[2])
-        xs = context.make_array(xs_t)(context, builder, args[3])
-        w_ptr = builder.bitcast(row.data, _I8.as_pointer())
-        x_ptr = builder.bitcast(xq.data, _I8.as_pointer())
-        nb = cgutils.unpack_tuple(builder, xd.shape, 1)[0]
+        ptrs = row_args(context, builder, sig, args)
+        nb = ptrs[-1]
         intp = nb.type
-
-        maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
-        maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
-        sign = _fn(builder, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8])
-        fma = _fn(builder, "llvm.fma.v8f32", _V8F32, [_V8F32, _V8F32, _V8F32])
-        ones16 = ir.Constant(_V16I16, [1] * 16)
-        low4 = ir.Constant(_V16I8, [0x0F] * 16)
-        four = ir.Constant(_V16I8, [4] * 16)
-        concat = ir.Constant(ir.VectorType(_I32, 32), list(range(32)))
-
-        def block(b, acc_ptr, extra_ptr):
-            """Accumulate block ``b`` into the vector / scalar accumulators."""
-            wb = builder.mul(b, ir.Constant(intp, block_bytes))
-            y = _load(builder, x_ptr, builder.mul(b, ir.Constant(intp, 32)), _V32I8)
-            qpos = builder.add(wb, ir.Constant(intp, q_offset))
-            if kind == _Q4_1:
-                packed = _load(builder, w_ptr, qpos, _V16I8)
-                q = builder.shuffle_vector(builder.and_(packed, low4), builder.lshr(packed, four),
-                                           concat)                 # unsigned 0..15
-            else:
-                if kind == _Q8_0:
-                    w = _load(builder, w_ptr, qpos, _V32I8)
-                else:                                               # Q4_0: signed q - 8
-                    packed = _load(builder, w_ptr, qpos, _V16I8)
-                    w = builder.sub(builder.shuffle_vector(builder.and_(packed, low4),
-                                                           builder.lshr(packed, four), concat),
-                                    ir.Constant(_V32I8, [8] * 32))
-                q = builder.call(sign, [w, w])            # |w| (-128 -> 128 as unsigned)
-                y = builder.call(sign, [y, w])            # y * sign(w)
-            p = builder.call(maddwd, [builder.call(maddubs, [q, y]), ones16])
-            xdb = _splat(builder, builder.load(builder.gep(xd.data, [b])), _V8F32)
-            if kind == _Q4_1:
-                d, m = _halves(builder, w_ptr, wb, 2)
-                scale = builder.fmul(_splat(builder, d, _V8F32), xdb)
-                xsb = builder.load(builder.gep(xs.data, [b]))
-                builder.store(builder.fadd(builder.load(extra_ptr), builder.fmul(m, xsb)),
-                              extra_ptr)
-            else:
-                scale = builder.fmul(_half_splat(builder, w_ptr, wb), xdb)
-            acc = builder.call(fma, [builder.sitofp(p, _V8F32), scale, builder.load(acc_ptr)])
-            builder.store(acc, acc_ptr)
-
         # two independent accumulator chains (even / odd blocks) hide the fma latency
         zero8 = ir.Constant(_V8F32, [0.0] * 8)
         accs = [cgutils.alloca_once_value(builder, zero8) for _ in range(2)]
@@ -161,14 +187,14 @@ def _row_dot_codegen(kind):
         pairs = builder.udiv(nb, ir.Constant(intp, 2))
         with cgutils.for_range(builder, pairs) as loop:
             b0 = builder.mul(loop.index, ir.Constant(intp, 2))
-            block(b0, accs[0], extras[0])
-            block(builder.add(b0, ir.Constant(intp, 1)), accs[1], extras[1])
+            block_step(builder, kind, ptrs, b0, accs[0], extras[0])
+            block_step(builder, kind, ptrs, builder.add(b0, ir.Constant(intp, 1)), accs[1],
+                       extras[1])
         odd = builder.icmp_unsigned("!=", builder.mul(pairs, ir.Constant(intp, 2)), nb)
         with builder.if_then(odd):
-            block(builder.sub(nb, ir.Constant(intp, 1)), accs[0], extras[0])
-        acc = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
-        total = builder.fadd(builder.load(extras[0]), builder.load(extras[1]))
-        return builder.fadd(total, _hsum8(builder, acc))
+            block_step(builder, kind, ptrs, builder.sub(nb, ir.Constant(intp, 1)), accs[0],
+                       extras[0])
+        return finish_row(builder, accs, extras)
 
     return codegen
 

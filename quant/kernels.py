@@ -20,7 +20,8 @@ compiled call::
 The legacy block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) multiply with int8 activations: each
 token's activations are quantized once per call into ``scratch`` (see :func:`act_scratch_bytes`),
 then every row is an integer dot product (llama.cpp's ``vec_dot_q4_1_q8_1`` scheme; Q8_0, Q4_0 and
-Q4_1 use the AVX2 kernels of :mod:`quant.avx2` when the CPU has AVX2). The K-quants (Q2_K..Q6_K)
+Q4_1 use the AVX-512 VNNI kernels of :mod:`quant.avx512` when the CPU has them, else the AVX2
+kernels of :mod:`quant.avx2` when it has AVX2; both give the same bits). The K-quants (Q2_K..Q6_K)
 multiply with Q8_K activations (int8 per 256-block, float32 scale, int16 sums of each 16), as
 llama.cpp's ``vec_dot_q<n>_K_q8_K`` (Q4_K and Q6_K through AVX2 kernels that reproduce ggml's
 lanes bit for bit). The float formats use the ``_dot_<f>`` row functions.
@@ -47,14 +48,19 @@ from numba import prange
 
 from cpuinfer.gguf import GGMLType
 
-from . import avx2, floats, kquants, legacy
+from . import avx2, avx512, floats, kquants, legacy
 from .jit import kernel, parallel_kernel
 from .kquants import QK_K, quantize_act_q8k
 from .legacy import QK, quantize_act_q8
 
-# Row dots on int8 activations for the hot formats: AVX2 (vpmaddubsw) where the CPU has it,
-# else the portable numba loops. Chosen once at import; numba's cache is keyed per CPU.
-if avx2.HAVE_AVX2:
+# Row dots on int8 activations for the hot formats: AVX-512 VNNI (vpdpbusd, two blocks per
+# instruction, bit-identical to AVX2) or AVX2 (vpmaddubsw) where the CPU has it, else the portable
+# numba loops. Chosen once at import; numba's cache is keyed per CPU.
+if avx512.HAVE_AVX512_VNNI:
+    _idot_q8_0, _idot_q4_0, _idot_q4_1 = (avx512.idot_q8_0_avx512, avx512.idot_q4_0_avx512,
+                                          avx512.idot_q4_1_avx512)
+    _idot_q4_k, _idot_q6_k = avx2.idot_q4_k_avx2, avx2.idot_q6_k_avx2
+elif avx2.HAVE_AVX2:
     _idot_q8_0, _idot_q4_0, _idot_q4_1 = (avx2.idot_q8_0_avx2, avx2.idot_q4_0_avx2,
                                           avx2.idot_q4_1_avx2)
     _idot_q4_k, _idot_q6_k = avx2.idot_q4_k_avx2, avx2.idot_q6_k_avx2

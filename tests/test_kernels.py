@@ -14,7 +14,7 @@ from cpuinfer.errors import CpuinferError
 from cpuinfer.gguf import GGMLType, open_gguf
 from quant import (FORMATS, SUPPORTED_TYPES, check_supported, dequantize, get_rows, matmul,
                    row_bytes, scratch_size)
-from quant import avx2, kernels, legacy
+from quant import avx2, avx512, kernels, legacy
 from quant.jit import get_threads, max_threads, set_threads
 from quant_helpers import random_matrix
 
@@ -256,6 +256,8 @@ def test_avx2_hot_dots_use_byte_multiply_add(name):
     assert re.search(r"\bvfmadd\w*ps\b[^\n]*%ymm", asm)
 
 
+@pytest.mark.skipif(avx512.HAVE_AVX512_VNNI,
+                    reason="AVX-512 VNNI kernels are chosen instead (tests/test_avx512.py)")
 def test_matmul_dispatches_hot_formats_to_avx2_when_available():
     expect = avx2.HAVE_AVX2
     assert (kernels._idot_q4_1 is avx2.idot_q4_1_avx2) == expect

@@ -14,7 +14,7 @@ from tools import estimate as est
 from tools import synth
 
 DATA = Path(__file__).parent / "data" / "estimate"
-FULL = DATA / "deepseek3-Q4_0.gguf"
+FULL = Path(__file__).parent / "data" / "tiny" / "deepseek3" / "deepseek3-Q4_0.gguf"
 REQUIRED_JSON = {"weight_bytes", "bytes_per_token", "bandwidth_gbps", "bound_tps", "efficiency",
                  "expected_tps", "ram_needed_bytes", "max_ctx"}
 

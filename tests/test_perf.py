@@ -13,11 +13,13 @@ Models: two llama-shaped synthetic files written once per session (Q4_0 233 MB, 
 8 GB-class shapes cut to 6 layers of d=2048 so a token streams more than any cache holds) and
 the bundled SmolLM2-135M Q4_1 (where per-token overhead, not bandwidth, dominates).
 
-The committed baseline ``tests/perf_baseline.json`` holds each ratio and the tolerance: a ratio
-below ``baseline × tolerance`` is a regression. On a shared 2-core machine a run can be slowed
-by other processes for a few hundred milliseconds at a time, unevenly between the two sides, so a
-case below the bar is measured again (up to ``ATTEMPTS`` runs, best ratio kept) before it fails:
-a real regression stays below the bar in every run, noise does not.
+The committed baseline ``tests/perf_baseline.json`` holds each ratio and the tolerances: a ratio
+below ``baseline × tolerance`` is a regression (0.7; 0.5 for ``bw_fraction``, whose denominator
+is a separate bandwidth measurement that itself varied 35–62 GB/s at 2 threads on the shared dev
+machine). A run can be slowed by other processes for a few hundred milliseconds at a time,
+unevenly between the two sides, so a case below the bar is measured again (up to ``ATTEMPTS``
+runs, each throughput's best kept) before it fails: a real regression stays below the bar in
+every run, noise does not.
 
 After an intended change, rewrite the baseline from a run and review its diff:
 ``CPUINFER_PERF_UPDATE=1 make perf``.
@@ -64,7 +66,8 @@ def load_baseline() -> dict:
 
 @pytest.fixture(scope="session")
 def perf_models(tmp_path_factory):
-    """Model key -> path: synthetic files written on first use, the bundled SmolLM2."""
+    """Model key -> path: synthetic files written on first use (deleted after the session),
+    the bundled SmolLM2."""
     from tools.synth import write_synthetic
     root = tmp_path_factory.mktemp("perf")
     paths: dict[str, Path] = {}
@@ -82,7 +85,10 @@ def perf_models(tmp_path_factory):
                 paths[key] = root / f"{key}.gguf"
                 write_synthetic(paths[key], perf_spec(), ftype, pure=True)
         return paths[key]
-    return get
+    yield get
+    for key, path in paths.items():
+        if key != "smollm2":
+            path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
@@ -144,6 +150,13 @@ def test_regressions_flag_a_fabricated_drop():
     assert bench.regressions({"bw_fraction": 0.5}, base, 0.7) == []
     with pytest.raises(CpuinferError, match="tolerance"):
         bench.regressions(slow, base, 1.5)
+    # per-ratio tolerances: a looser one for bw_fraction only
+    loose = {"default": 0.7, "bw_fraction": 0.5}
+    msgs = bench.regressions(slow, base, loose)
+    assert len(msgs) == 1 and msgs[0].startswith("pp_ratio = 0.200 < 0.7")
+    assert bench.regressions({"bw_fraction": 0.2}, base, loose)[0].startswith("bw_fraction = 0.200 < 0.5")
+    with pytest.raises(CpuinferError, match="tolerance"):
+        bench.regressions(slow, base, {"bw_fraction": 0.5})
 
 
 def test_efficiency_ratios_of_a_record():
@@ -173,7 +186,8 @@ def test_best_of_takes_each_throughput_from_its_best_run():
 
 def test_baseline_covers_every_case():
     base = load_baseline()
-    assert 0.5 <= base["tolerance"] < 1
+    tol = base["tolerance"]
+    assert set(tol) <= {"default", *METRICS} and all(0.4 <= v < 1 for v in tol.values())
     for case, *_ in CASES:
         assert case in base["cases"], case
         got = base["cases"][case]

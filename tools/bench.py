@@ -197,16 +197,20 @@ def best_of(records: list[BenchRecord]) -> BenchRecord:
     return out
 
 
-def regressions(measured: dict[str, float], baseline: dict[str, float], tolerance: float) -> list[str]:
+def regressions(measured: dict[str, float], baseline: dict[str, float],
+                tolerance: float | dict[str, float]) -> list[str]:
     """One message per ratio in ``baseline`` that ``measured`` has and that fell below
-    ``baseline × tolerance`` (ratios not measured this time, e.g. without llama.cpp, are skipped)."""
-    if not 0 < tolerance <= 1:
-        raise CpuinferError(f"tolerance must be in (0, 1], got {tolerance}")
+    ``baseline × tolerance`` (ratios not measured this time, e.g. without llama.cpp, are skipped).
+    ``tolerance`` is one factor, or per ratio name with a ``"default"`` for the others."""
+    tol = tolerance if isinstance(tolerance, dict) else {"default": tolerance}
+    if "default" not in tol or not all(0 < v <= 1 for v in tol.values()):
+        raise CpuinferError(f"tolerance must be in (0, 1] (per ratio, with a default), got {tolerance}")
     out = []
     for key, base in sorted(baseline.items()):
         got = measured.get(key)
-        if got is not None and got < base * tolerance:
-            out.append(f"{key} = {got:.3f} < {tolerance:g} × baseline {base:.3f}")
+        t = tol.get(key, tol["default"])
+        if got is not None and got < base * t:
+            out.append(f"{key} = {got:.3f} < {t:g} × baseline {base:.3f}")
     return out
 
 

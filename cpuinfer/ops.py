@@ -10,27 +10,41 @@ import numpy as np
 from numba import prange
 
 from quant.base import f32_to_half_bits, half_bits_to_f32
-from quant.jit import fast_kernel, fast_parallel_kernel, parallel_kernel
+from quant.jit import fast_kernel, fast_parallel_kernel, kernel, parallel_kernel
 
 from .arch import RopeType
 
 
-@parallel_kernel
-def rmsnorm(x, w, eps, out):
-    """out[t] = x[t] · 1/sqrt(mean(x[t]²) + eps) · w   for x, out: [n, d]; w: [d].
+@kernel
+def _rmsnorm_row(x, w, eps, out):
+    """out = x · 1/sqrt(mean(x²) + eps) · w for one token (x, out: [d]).
 
     Rounded as ggml does (squares summed in float64, the scale a float32, x·scale rounded
     before ·w); no fast-math here so the products are not reassociated.
     """
-    n, d = x.shape
-    for t in prange(n):
-        ss = 0.0
-        for i in range(d):
-            ss += np.float64(x[t, i] * x[t, i])
-        mean = np.float32(ss / d)
-        scale = np.float32(1.0) / np.float32(math.sqrt(mean + np.float32(eps)))
-        for i in range(d):
-            out[t, i] = (x[t, i] * scale) * w[i]
+    d = x.shape[0]
+    ss = 0.0
+    for i in range(d):
+        ss += np.float64(x[i] * x[i])
+    mean = np.float32(ss / d)
+    scale = np.float32(1.0) / np.float32(math.sqrt(mean + np.float32(eps)))
+    for i in range(d):
+        out[i] = (x[i] * scale) * w[i]
+
+
+@parallel_kernel
+def rmsnorm(x, w, eps, out):
+    """out[t] = x[t] · 1/sqrt(mean(x[t]²) + eps) · w   for x, out: [n, d]; w: [d] (tokens in parallel)."""
+    for t in prange(x.shape[0]):
+        _rmsnorm_row(x[t], w, eps, out[t])
+
+
+@kernel
+def rmsnorm_serial(x, w, eps, out):
+    """:func:`rmsnorm` on the calling thread: for one token, where a parallel region costs more
+    than the work (same results)."""
+    for t in range(x.shape[0]):
+        _rmsnorm_row(x[t], w, eps, out[t])
 
 
 def rope_table(n_ctx: int, rope_dims: int, base: float, freq_scale: float = 1.0,
@@ -56,25 +70,38 @@ def rope_table(n_ctx: int, rope_dims: int, base: float, freq_scale: float = 1.0,
     return cos, sin
 
 
+@fast_kernel
+def _rope_head(x, cos, sin, p0, neox, job):
+    """Rotate head ``job % n_heads`` of token ``job // n_heads`` of x [n, heads, head_dim]."""
+    n_heads = x.shape[1]
+    half = cos.shape[1]
+    t = job // n_heads
+    h = job - t * n_heads
+    p = p0 + t
+    for i in range(half):
+        c = cos[p, i]
+        s = sin[p, i]
+        if neox:
+            a, b = i, i + half
+        else:
+            a, b = 2 * i, 2 * i + 1
+        x0 = x[t, h, a]
+        x1 = x[t, h, b]
+        x[t, h, a] = x0 * c - x1 * s
+        x[t, h, b] = x0 * s + x1 * c
+
+
 @fast_parallel_kernel
 def _rope(x, cos, sin, p0, neox):
-    n, n_heads, hd = x.shape
-    half = cos.shape[1]
-    for job in prange(n * n_heads):
-        t = job // n_heads
-        h = job - t * n_heads
-        p = p0 + t
-        for i in range(half):
-            c = cos[p, i]
-            s = sin[p, i]
-            if neox:
-                a, b = i, i + half
-            else:
-                a, b = 2 * i, 2 * i + 1
-            x0 = x[t, h, a]
-            x1 = x[t, h, b]
-            x[t, h, a] = x0 * c - x1 * s
-            x[t, h, b] = x0 * s + x1 * c
+    for job in prange(x.shape[0] * x.shape[1]):
+        _rope_head(x, cos, sin, p0, neox, job)
+
+
+@fast_kernel
+def rope_serial(x, cos, sin, p0, neox):
+    """``rope_kernel`` on the calling thread (for one token; same results)."""
+    for job in range(x.shape[0] * x.shape[1]):
+        _rope_head(x, cos, sin, p0, neox, job)
 
 
 rope_kernel = _rope
@@ -145,14 +172,25 @@ def attention(q, k_cache, v_cache, p0, scale, scores, qh, out):
                     out[t, h, i] += p * half_bits_to_f32(v_cache[j, kvh, i])
 
 
+@fast_kernel
+def _swiglu_row(gate, up, out):
+    for i in range(gate.shape[0]):
+        g = gate[i]
+        out[i] = (g / (np.float32(1.0) + np.float32(math.exp(-g)))) * up[i]
+
+
 @fast_parallel_kernel
 def swiglu(gate, up, out):
-    """out = silu(gate) * up, elementwise over [n, ff]."""
-    n, f = gate.shape
-    for t in prange(n):
-        for i in range(f):
-            g = gate[t, i]
-            out[t, i] = (g / (np.float32(1.0) + np.float32(math.exp(-g)))) * up[t, i]
+    """out = silu(gate) * up, elementwise over [n, ff] (tokens in parallel)."""
+    for t in prange(gate.shape[0]):
+        _swiglu_row(gate[t], up[t], out[t])
+
+
+@fast_kernel
+def swiglu_serial(gate, up, out):
+    """:func:`swiglu` on the calling thread (for one token; same results)."""
+    for t in range(gate.shape[0]):
+        _swiglu_row(gate[t], up[t], out[t])
 
 
 @fast_kernel

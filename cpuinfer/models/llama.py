@@ -197,8 +197,12 @@ def _layer(n, p0, li, eps, scale, neox, nh, nkv,
     q, k, v, att = q_all[:n], k_all[:n], v_all[:n], att_all[:n]
     gate, up, hidden = gate_all[:n], up_all[:n], hidden_all[:n]         # [n, ff]
     hd = q.shape[1] // nh
+    one = n == 1     # one token: the small ops run on this thread (a parallel region costs more)
     # attention: xb = norm(x); q, k, v = xb·Wqᵀ, xb·Wkᵀ, xb·Wvᵀ (+ biases)
-    ops.rmsnorm(x, attn_norm, eps, xb)                                  # [n, d]
+    if one:
+        ops.rmsnorm_serial(x, attn_norm, eps, xb)                       # [n, d]
+    else:
+        ops.rmsnorm(x, attn_norm, eps, xb)
     matmul_kernel(tq, wq, xb, q, scratch)                               # [n, nh·hd]
     matmul_kernel(tk, wk, xb, k, scratch)                               # [n, nkv·hd]
     matmul_kernel(tv, wv, xb, v, scratch)                               # [n, nkv·hd]
@@ -210,8 +214,12 @@ def _layer(n, p0, li, eps, scale, neox, nh, nkv,
         ops.add_rows(v, bv)
     q3 = q.reshape((n, nh, hd))
     k3 = k.reshape((n, nkv, hd))
-    ops.rope_kernel(q3, cos, sin, p0, neox)                             # rotate q, k at p0..p0+n-1
-    ops.rope_kernel(k3, cos, sin, p0, neox)
+    if one:                                                             # rotate q, k at p0..p0+n-1
+        ops.rope_serial(q3, cos, sin, p0, neox)
+        ops.rope_serial(k3, cos, sin, p0, neox)
+    else:
+        ops.rope_kernel(q3, cos, sin, p0, neox)
+        ops.rope_kernel(k3, cos, sin, p0, neox)
     ops.store_f16(k3, k_cache[li, p0:p0 + n])                           # cache (f16): [ctx, nkv, hd]
     ops.store_f16(v.reshape((n, nkv, hd)), v_cache[li, p0:p0 + n])
     ops.attention(q3, k_cache[li], v_cache[li], p0, scale, scores, qh,
@@ -219,10 +227,16 @@ def _layer(n, p0, li, eps, scale, neox, nh, nkv,
     matmul_kernel(to, wo, att, xo, scratch)                             # [n, d]
     _add(x, xo)
     # feed-forward: x += W_down · (silu(xb·W_gateᵀ) ⊙ xb·W_upᵀ), xb = norm(x)
-    ops.rmsnorm(x, ffn_norm, eps, xb)
+    if one:
+        ops.rmsnorm_serial(x, ffn_norm, eps, xb)
+    else:
+        ops.rmsnorm(x, ffn_norm, eps, xb)
     matmul_kernel(tg, w_gate, xb, gate, scratch)                        # [n, ff]
     matmul_kernel(tu, w_up, xb, up, scratch)                            # [n, ff]
-    ops.swiglu(gate, up, hidden)
+    if one:
+        ops.swiglu_serial(gate, up, hidden)
+    else:
+        ops.swiglu(gate, up, hidden)
     matmul_kernel(td, w_down, hidden, xo, scratch)                      # [n, d]
     _add(x, xo)
 

@@ -254,5 +254,5 @@ def load(path: str | os.PathLike, threads: int | None = None, n_ctx: int | None 
     """Map a GGUF model and prepare it to run. The weights stay in the file's page cache unless
     ``numa`` (``auto``, ``off``, ``interleave``, ``distribute``, ``isolate[:NODE]`` or a
     :class:`numa.plan.NumaSpec`) places them on several NUMA nodes; ``auto`` = ``distribute``
-    when this process can run on more than one node, else nothing at all. See docs/numa.md."""
+    when this process can run on more than one node, else nothing at all. See the README, section NUMA."""
     return Model(path, threads=threads, n_ctx=n_ctx, numa=numa)

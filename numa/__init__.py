@@ -1,4 +1,4 @@
-"""NUMA placement for cpuinfer (see docs/numa.md).
+"""NUMA placement for cpuinfer (see the README, section NUMA).
 
 * :mod:`numa.topology` — nodes, cores/SMT siblings, memory, distances from sysfs (root is a parameter).
 * :mod:`numa.plan` — policies, pinned thread layout, row shards derived from numba's static schedule.

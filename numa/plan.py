@@ -16,7 +16,7 @@ Each matrix is split by output rows into one contiguous shard per node, boundari
 proportion to the node's thread count. Stacked expert tensors ``[E, rows, row_bytes]`` are split
 the same way inside every expert, because the expert loop multiplies each selected expert with
 all threads. (Whole experts per node — :func:`assign_experts` — would need a node-parallel
-expert loop; see ``docs/numa.md`` for why row shards are used now.)
+expert loop; see the README (NUMA, known limits) for why row shards are used now.)
 
 Pages. Bytes are placed per page: page ``p`` of a tensor's copy belongs to the node that owns the
 byte at ``p · PAGE`` (:func:`page_partition`), so every page has exactly one owner and at most one
@@ -390,7 +390,7 @@ def _fit_budget(topo, counts, per_node, matrices, budget, notes) -> dict[int, in
     return counts
 
 
-# -- whole experts per node (plan logic; see docs/numa.md for why runs use row shards) ----------
+# -- whole experts per node (plan logic; see the README, NUMA, for why runs use row shards) ----------
 
 def assign_experts(n_expert: int, expert_bytes: int, node_threads: dict[int, int],
                    budget: dict | None = None) -> np.ndarray:

@@ -199,6 +199,18 @@ def _dot_q4_0(row, x):
 
 
 @fast_kernel
+def _isum_q4(row, po, xq, px, hb, bias):
+    """Σ (nibble − bias)·xq over one block: low nibbles of ``row[po:po+hb]`` are elements
+    0..hb−1, high nibbles hb..2hb−1 (exact int32)."""
+    s = np.int32(0)
+    for j in range(hb):
+        v = row[po + j]
+        s = np.int32(s + (np.int32(v & np.uint8(15)) - bias) * np.int32(xq[px + j])
+                     + (np.int32(v >> np.uint8(4)) - bias) * np.int32(xq[px + hb + j]))
+    return s
+
+
+@fast_kernel
 def _idot_q4_0(row, xq, xd, xs):
     nb = xd.shape[0]
     ubs = np.uint64(xq.shape[0] // nb)
@@ -207,13 +219,7 @@ def _idot_q4_0(row, xq, xd, xs):
     for b in range(nb):
         ub = np.uint64(b)
         o = ub * np.uint64(Q4_0_SIZE)
-        po = o + np.uint64(2)
-        px = ub * ubs
-        s = np.int32(0)
-        for j in range(hb):
-            v = row[po + j]
-            s = np.int32(s + (np.int32(v & np.uint8(15)) - np.int32(8)) * np.int32(xq[px + j])
-                         + (np.int32(v >> np.uint8(4)) - np.int32(8)) * np.int32(xq[px + hb + j]))
+        s = _isum_q4(row, o + np.uint64(2), xq, ub * ubs, hb, np.int32(8))
         acc += load_f16(row, o) * xd[b] * np.float32(s)
     return acc
 
@@ -258,13 +264,7 @@ def _idot_q4_1(row, xq, xd, xs):
     for b in range(nb):
         ub = np.uint64(b)
         o = ub * np.uint64(Q4_1_SIZE)
-        po = o + np.uint64(4)
-        px = ub * ubs
-        s = np.int32(0)
-        for j in range(hb):
-            v = row[po + j]
-            s = np.int32(s + np.int32(v & np.uint8(15)) * np.int32(xq[px + j])
-                         + np.int32(v >> np.uint8(4)) * np.int32(xq[px + hb + j]))
+        s = _isum_q4(row, o + np.uint64(4), xq, ub * ubs, hb, np.int32(0))
         acc += load_f16(row, o) * xd[b] * np.float32(s) + load_f16(row, o + np.uint64(2)) * xs[b]
     return acc
 
@@ -302,26 +302,32 @@ def _dot_q5_0(row, x):
 
 
 @fast_kernel
+def _isum_q5(row, po, qh, xq, px, hb, bias):
+    """Σ (q5 − bias)·xq over one block: nibbles of ``row[po:po+hb]`` plus bit j / j+hb of the
+    32-bit ``qh`` as the fifth bit (exact int32)."""
+    one = np.uint64(1)
+    four = np.uint64(4)
+    s = np.int32(0)
+    for j in range(hb):
+        v = np.uint64(row[po + j])
+        lo = (v & np.uint64(15)) | (((qh >> j) & one) << four)
+        hi = (v >> four) | (((qh >> (j + hb)) & one) << four)
+        s = np.int32(s + (np.int32(lo) - bias) * np.int32(xq[px + j])
+                     + (np.int32(hi) - bias) * np.int32(xq[px + hb + j]))
+    return s
+
+
+@fast_kernel
 def _idot_q5_0(row, xq, xd, xs):
     nb = xd.shape[0]
     ubs = np.uint64(xq.shape[0] // nb)
     hb = ubs >> np.uint64(1)
-    one = np.uint64(1)
-    four = np.uint64(4)
     acc = np.float32(0.0)
     for b in range(nb):
         ub = np.uint64(b)
         o = ub * np.uint64(Q5_0_SIZE)
         qh = np.uint64(_load_u32(row, o + np.uint64(2)))
-        po = o + np.uint64(6)
-        px = ub * ubs
-        s = np.int32(0)
-        for j in range(hb):
-            v = np.uint64(row[po + j])
-            lo = (v & np.uint64(15)) | (((qh >> j) & one) << four)
-            hi = (v >> four) | (((qh >> (j + hb)) & one) << four)
-            s = np.int32(s + (np.int32(lo) - np.int32(16)) * np.int32(xq[px + j])
-                         + (np.int32(hi) - np.int32(16)) * np.int32(xq[px + hb + j]))
+        s = _isum_q5(row, o + np.uint64(6), qh, xq, ub * ubs, hb, np.int32(16))
         acc += load_f16(row, o) * xd[b] * np.float32(s)
     return acc
 
@@ -368,21 +374,12 @@ def _idot_q5_1(row, xq, xd, xs):
     nb = xd.shape[0]
     ubs = np.uint64(xq.shape[0] // nb)
     hb = ubs >> np.uint64(1)
-    one = np.uint64(1)
-    four = np.uint64(4)
     acc = np.float32(0.0)
     for b in range(nb):
         ub = np.uint64(b)
         o = ub * np.uint64(Q5_1_SIZE)
         qh = np.uint64(_load_u32(row, o + np.uint64(4)))
-        po = o + np.uint64(8)
-        px = ub * ubs
-        s = np.int32(0)
-        for j in range(hb):
-            v = np.uint64(row[po + j])
-            lo = (v & np.uint64(15)) | (((qh >> j) & one) << four)
-            hi = (v >> four) | (((qh >> (j + hb)) & one) << four)
-            s = np.int32(s + np.int32(lo) * np.int32(xq[px + j]) + np.int32(hi) * np.int32(xq[px + hb + j]))
+        s = _isum_q5(row, o + np.uint64(8), qh, xq, ub * ubs, hb, np.int32(0))
         acc += load_f16(row, o) * xd[b] * np.float32(s) + load_f16(row, o + np.uint64(2)) * xs[b]
     return acc
 

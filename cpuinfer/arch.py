@@ -8,6 +8,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .errors import CpuinferError
+
 
 class Key(str, enum.Enum):
     """Per-architecture metadata keys; ``{arch}`` is the GGUF ``general.architecture``."""
@@ -50,6 +52,20 @@ class Key(str, enum.Enum):
 
     def of(self, arch: str) -> str:
         return self.value.format(arch=arch)
+
+
+def read_meta(g, arch: str, key: Key, default=None, kind=int):
+    """The value of ``key`` for ``arch`` in GGUF file ``g``, converted by ``kind``; ``default`` when
+    absent (None: required). A missing or malformed value is a one-line CpuinferError."""
+    full = key.of(arch)
+    v = g.get(full, default)
+    if v is None:
+        raise CpuinferError(f"{g.path}: metadata key {full} is missing")
+    try:
+        v = kind(v)
+    except (TypeError, ValueError):
+        raise CpuinferError(f"{g.path}: metadata key {full} = {v!r}, expected {kind.__name__}") from None
+    return v
 
 
 class Tn(str, enum.Enum):

@@ -35,13 +35,12 @@ from quant import kernels as qk
 from quant.jit import kernel
 
 from .. import ops
-from ..arch import ArchInfo, Key, RopeType, Tn, tensor_name
+from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
 from ..errors import CpuinferError
 from ..gguf import GGUFFile
 from ..kvcache import BYTES_PER_VALUE
 from ..moe import Gating, MoeBuffers, MoeConfig, MoeWeights, moe_ffn
 from ..weights import QTensor, TensorLoader, matmul_scratch
-from .llama import _meta
 
 
 @dataclass(frozen=True)
@@ -73,12 +72,12 @@ class Config:
     @classmethod
     def from_gguf(cls, g: GGUFFile, info: ArchInfo) -> "Config":
         a = info.name
-        d = _meta(g, a, Key.EMBEDDING_LENGTH)
-        n_head = _meta(g, a, Key.HEAD_COUNT)
-        rope_dims = _meta(g, a, Key.ROPE_DIMENSION_COUNT)
-        kv_lora = _meta(g, a, Key.KV_LORA_RANK)
-        k_mla = _meta(g, a, Key.KEY_LENGTH_MLA, -1)
-        v_mla = _meta(g, a, Key.VALUE_LENGTH_MLA, -1)
+        d = read_meta(g, a, Key.EMBEDDING_LENGTH)
+        n_head = read_meta(g, a, Key.HEAD_COUNT)
+        rope_dims = read_meta(g, a, Key.ROPE_DIMENSION_COUNT)
+        kv_lora = read_meta(g, a, Key.KV_LORA_RANK)
+        k_mla = read_meta(g, a, Key.KEY_LENGTH_MLA, -1)
+        v_mla = read_meta(g, a, Key.VALUE_LENGTH_MLA, -1)
         if k_mla < 0 or v_mla < 0:
             # older conversions store the MLA head sizes in key_length/value_length and carry the
             # combined attn_kv_b tensor instead of attn_k_b/attn_v_b
@@ -87,18 +86,18 @@ class Config:
         if rope_dims <= 0 or rope_dims % 2 or rope_dims >= k_mla:
             raise CpuinferError(f"{g.path}: {Key.ROPE_DIMENSION_COUNT.of(a)} = {rope_dims}, expected an even number "
                                 f"below {Key.KEY_LENGTH_MLA.of(a)} = {k_mla}")
-        n_layer = _meta(g, a, Key.BLOCK_COUNT)
-        n_dense = _meta(g, a, Key.LEADING_DENSE_BLOCK_COUNT, 0)
-        n_ff_exp = _meta(g, a, Key.EXPERT_FEED_FORWARD_LENGTH, 0 if n_dense >= n_layer else None)
+        n_layer = read_meta(g, a, Key.BLOCK_COUNT)
+        n_dense = read_meta(g, a, Key.LEADING_DENSE_BLOCK_COUNT, 0)
+        n_ff_exp = read_meta(g, a, Key.EXPERT_FEED_FORWARD_LENGTH, 0 if n_dense >= n_layer else None)
         moe = MoeConfig(
-            n_expert=_meta(g, a, Key.EXPERT_COUNT, 0 if n_dense >= n_layer else None),
-            n_used=_meta(g, a, Key.EXPERT_USED_COUNT, 0 if n_dense >= n_layer else None),
+            n_expert=read_meta(g, a, Key.EXPERT_COUNT, 0 if n_dense >= n_layer else None),
+            n_used=read_meta(g, a, Key.EXPERT_USED_COUNT, 0 if n_dense >= n_layer else None),
             n_ff=n_ff_exp,
-            gating=Gating(_meta(g, a, Key.EXPERT_GATING_FUNC, int(Gating.SOFTMAX))),
+            gating=Gating(read_meta(g, a, Key.EXPERT_GATING_FUNC, int(Gating.SOFTMAX))),
             norm_w=bool(g.get(Key.EXPERT_WEIGHTS_NORM.of(a), False)),
             w_scale=float(g.get(Key.EXPERT_WEIGHTS_SCALE.of(a), 0.0)) or 1.0,
-            n_group=_meta(g, a, Key.EXPERT_GROUP_COUNT, 1),
-            n_group_used=_meta(g, a, Key.EXPERT_GROUP_USED_COUNT, 1),
+            n_group=read_meta(g, a, Key.EXPERT_GROUP_COUNT, 1),
+            n_group_used=read_meta(g, a, Key.EXPERT_GROUP_USED_COUNT, 1),
         )
         if n_dense < n_layer:
             moe.validate(g.path)
@@ -109,21 +108,21 @@ class Config:
                                 f"for {a} (expected none or yarn)")
         if scale_type != "yarn":
             factor = 1.0
-        n_ctx_train = _meta(g, a, Key.CONTEXT_LENGTH, 4096)
+        n_ctx_train = read_meta(g, a, Key.CONTEXT_LENGTH, 4096)
         return cls(
             arch=a, rope_type=info.rope_type,
             n_vocab=g.tensor(tensor_name(Tn.TOKEN_EMBD)).shape[0], d_model=d, n_layer=n_layer,
-            n_head=n_head, q_lora=_meta(g, a, Key.Q_LORA_RANK, 0), kv_lora=kv_lora,
+            n_head=n_head, q_lora=read_meta(g, a, Key.Q_LORA_RANK, 0), kv_lora=kv_lora,
             nope=k_mla - rope_dims, rope_dims=rope_dims, v_dim=v_mla,
-            n_ff=_meta(g, a, Key.FEED_FORWARD_LENGTH, 0), n_dense=n_dense,
-            n_ff_shexp=_meta(g, a, Key.EXPERT_SHARED_COUNT, 0) * n_ff_exp, moe=moe,
-            rms_eps=_meta(g, a, Key.RMS_EPS, kind=float),
-            rope_base=_meta(g, a, Key.ROPE_FREQ_BASE, 10000.0, kind=float),
+            n_ff=read_meta(g, a, Key.FEED_FORWARD_LENGTH, 0), n_dense=n_dense,
+            n_ff_shexp=read_meta(g, a, Key.EXPERT_SHARED_COUNT, 0) * n_ff_exp, moe=moe,
+            rms_eps=read_meta(g, a, Key.RMS_EPS, kind=float),
+            rope_base=read_meta(g, a, Key.ROPE_FREQ_BASE, 10000.0, kind=float),
             rope_factor=factor,
-            rope_orig_ctx=_meta(g, a, Key.ROPE_SCALING_ORIG_CTX, n_ctx_train),
-            yarn_beta_fast=_meta(g, a, Key.ROPE_SCALING_YARN_BETA_FAST, 32.0, kind=float),
-            yarn_beta_slow=_meta(g, a, Key.ROPE_SCALING_YARN_BETA_SLOW, 1.0, kind=float),
-            yarn_log_mul=_meta(g, a, Key.ROPE_SCALING_YARN_LOG_MUL, 0.0, kind=float) / 0.1,
+            rope_orig_ctx=read_meta(g, a, Key.ROPE_SCALING_ORIG_CTX, n_ctx_train),
+            yarn_beta_fast=read_meta(g, a, Key.ROPE_SCALING_YARN_BETA_FAST, 32.0, kind=float),
+            yarn_beta_slow=read_meta(g, a, Key.ROPE_SCALING_YARN_BETA_SLOW, 1.0, kind=float),
+            yarn_log_mul=read_meta(g, a, Key.ROPE_SCALING_YARN_LOG_MUL, 0.0, kind=float) / 0.1,
             n_ctx_train=n_ctx_train,
         )
 

@@ -9,25 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import ops
-from ..arch import ArchInfo, Key, RopeType, Tn, tensor_name
+from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
 from ..errors import CpuinferError
 from ..gguf import GGUFFile
 from ..kvcache import KVCache
 from ..weights import QTensor, TensorLoader, matmul_scratch
 from quant.jit import kernel
 from quant.kernels import matmul_kernel
-
-
-def _meta(g: GGUFFile, arch: str, key: Key, default=None, kind=int):
-    full = key.of(arch)
-    v = g.get(full, default)
-    if v is None:
-        raise CpuinferError(f"{g.path}: metadata key {full} is missing")
-    try:
-        v = kind(v)
-    except (TypeError, ValueError):
-        raise CpuinferError(f"{g.path}: metadata key {full} = {v!r}, expected {kind.__name__}") from None
-    return v
 
 
 @dataclass(frozen=True)
@@ -50,13 +38,13 @@ class Config:
     @classmethod
     def from_gguf(cls, g: GGUFFile, info: ArchInfo) -> "Config":
         a = info.name
-        d = _meta(g, a, Key.EMBEDDING_LENGTH)
-        n_head = _meta(g, a, Key.HEAD_COUNT)
-        n_head_kv = _meta(g, a, Key.HEAD_COUNT_KV, n_head)
+        d = read_meta(g, a, Key.EMBEDDING_LENGTH)
+        n_head = read_meta(g, a, Key.HEAD_COUNT)
+        n_head_kv = read_meta(g, a, Key.HEAD_COUNT_KV, n_head)
         if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv:
             raise CpuinferError(f"{g.path}: {Key.HEAD_COUNT.of(a)} = {n_head} is not a multiple of "
                                 f"{Key.HEAD_COUNT_KV.of(a)} = {n_head_kv}")
-        head_dim = _meta(g, a, Key.KEY_LENGTH, d // n_head)
+        head_dim = read_meta(g, a, Key.KEY_LENGTH, d // n_head)
         n_vocab = g.tensor(tensor_name(Tn.TOKEN_EMBD)).shape[0]
         scale_type = g.get(Key.ROPE_SCALING_TYPE.of(a), "none")
         factor = float(g.get(Key.ROPE_SCALING_FACTOR.of(a), g.get(Key.ROPE_SCALE_LINEAR.of(a), 1.0)) or 1.0)
@@ -65,13 +53,13 @@ class Config:
                                 f"for {a} (expected none or linear)")
         cfg = cls(
             arch=a, rope_type=info.rope_type, n_vocab=n_vocab, d_model=d,
-            n_layer=_meta(g, a, Key.BLOCK_COUNT), n_head=n_head, n_head_kv=n_head_kv,
-            head_dim=head_dim, n_ff=_meta(g, a, Key.FEED_FORWARD_LENGTH),
-            rms_eps=_meta(g, a, Key.RMS_EPS, kind=float),
-            rope_dims=_meta(g, a, Key.ROPE_DIMENSION_COUNT, head_dim),
-            rope_base=_meta(g, a, Key.ROPE_FREQ_BASE, 10000.0, kind=float),
+            n_layer=read_meta(g, a, Key.BLOCK_COUNT), n_head=n_head, n_head_kv=n_head_kv,
+            head_dim=head_dim, n_ff=read_meta(g, a, Key.FEED_FORWARD_LENGTH),
+            rms_eps=read_meta(g, a, Key.RMS_EPS, kind=float),
+            rope_dims=read_meta(g, a, Key.ROPE_DIMENSION_COUNT, head_dim),
+            rope_base=read_meta(g, a, Key.ROPE_FREQ_BASE, 10000.0, kind=float),
             rope_freq_scale=1.0 / factor,
-            n_ctx_train=_meta(g, a, Key.CONTEXT_LENGTH, 2048),
+            n_ctx_train=read_meta(g, a, Key.CONTEXT_LENGTH, 2048),
         )
         if cfg.rope_dims > head_dim or cfg.rope_dims % 2:
             raise CpuinferError(f"{g.path}: {Key.ROPE_DIMENSION_COUNT.of(a)} = {cfg.rope_dims}, expected an "

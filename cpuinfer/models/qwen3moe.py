@@ -13,13 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import ops
-from ..arch import ArchInfo, Key, Tn, tensor_name
+from ..arch import ArchInfo, Key, Tn, read_meta, tensor_name
 from ..gguf import GGUFFile
 from ..kvcache import KVCache
 from ..moe import Gating, MoeBuffers, MoeConfig, MoeWeights, moe_ffn
 from ..weights import QTensor, TensorLoader, matmul_scratch
 from . import llama
-from .llama import _meta
 
 
 @dataclass(frozen=True)
@@ -31,9 +30,9 @@ class Config:
     def from_gguf(cls, g: GGUFFile, info: ArchInfo) -> "Config":
         a = info.name
         moe = MoeConfig(
-            n_expert=_meta(g, a, Key.EXPERT_COUNT), n_used=_meta(g, a, Key.EXPERT_USED_COUNT),
-            n_ff=_meta(g, a, Key.EXPERT_FEED_FORWARD_LENGTH),
-            gating=Gating(_meta(g, a, Key.EXPERT_GATING_FUNC, int(Gating.SOFTMAX))),
+            n_expert=read_meta(g, a, Key.EXPERT_COUNT), n_used=read_meta(g, a, Key.EXPERT_USED_COUNT),
+            n_ff=read_meta(g, a, Key.EXPERT_FEED_FORWARD_LENGTH),
+            gating=Gating(read_meta(g, a, Key.EXPERT_GATING_FUNC, int(Gating.SOFTMAX))),
             norm_w=bool(g.get(Key.EXPERT_WEIGHTS_NORM.of(a), True)),
             w_scale=float(g.get(Key.EXPERT_WEIGHTS_SCALE.of(a), 0.0)) or 1.0)
         moe.validate(g.path)

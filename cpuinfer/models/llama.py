@@ -255,7 +255,7 @@ def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: i
     m = logits_out.shape[0]
     xl = xb[n - m:]
     ops.rmsnorm(x[n - m:], w.output_norm, c.rms_eps, xl)              # [m, d]
-    w.output.matmul(xl, logits_out, s.scratch)                                # [m, vocab]
+    w.output.matmul(xl, logits_out, s.scratch)                        # [m, vocab]
 
 
 class Family:

@@ -22,6 +22,7 @@ from typing import TextIO
 
 from .chat_template import render_chat
 from .errors import CpuinferError
+from .model import reusable_prefix
 from .sampling import Sampler, SamplerParams
 from .tokenizer import StreamDecoder, encode_prompt
 
@@ -309,11 +310,7 @@ class _Chat:
             self.note(self.context_full_message())
             return False
         s = self.session
-        keep = 0
-        for a, b in zip(s.tokens, ids[:-1]):     # evaluate at least one token to get logits
-            if a != b:
-                break
-            keep += 1
+        keep = reusable_prefix(s.tokens, ids)
         s.truncate(keep)
         t0 = time.perf_counter()
         try:

@@ -33,6 +33,22 @@ def default_threads() -> int:
     return max(1, min(allowed, physical))
 
 
+def common_prefix(cached: Sequence[int], ids: Sequence[int]) -> int:
+    """How many leading tokens of ``ids`` are already in a cache holding ``cached``."""
+    n = 0
+    for a, b in zip(cached, ids):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def reusable_prefix(cached: Sequence[int], prompt_ids: Sequence[int]) -> int:
+    """Cached tokens a new prompt can keep: the common prefix, leaving at least the prompt's last
+    token to evaluate (its logits start the reply)."""
+    return min(common_prefix(cached, prompt_ids), len(prompt_ids) - 1)
+
+
 class Session:
     """A KV cache of ``model.n_ctx`` positions and the tokens currently held in it."""
 
@@ -56,12 +72,7 @@ class Session:
         del self.tokens[max(0, n):]
 
     def common_prefix(self, ids: Sequence[int]) -> int:
-        n = 0
-        for a, b in zip(self.tokens, ids):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix(self.tokens, ids)
 
     def eval(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append ``ids`` to the context (prompt batches through the mat-mat kernels) and return
@@ -207,7 +218,7 @@ class Model:
             raise CpuinferError(f"the prompt is {len(prompt_ids)} tokens, the context holds {s.n_ctx}: "
                                 f"use a larger context (--ctx) or a shorter prompt")
         sampler = Sampler(SamplerParams(**sampling), self.n_vocab)
-        keep = min(s.common_prefix(prompt_ids), len(prompt_ids) - 1)
+        keep = reusable_prefix(s.tokens, prompt_ids)
         s.truncate(keep)
         logits = s.eval(prompt_ids[keep:])
         stop = self.tokenizer.stop_ids

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cpuinfer.errors import CpuinferError
-from quant.kernels import ROW_TILE   # rows per parallel task of the mat-vec kernel
+from quant.kernels import ROW_TILE, schedule_block   # the mat-vec kernel's work split
 
 from .topology import Topology, format_cpulist
 
@@ -110,16 +110,10 @@ def static_schedule(n_iter: int, n_threads: int) -> np.ndarray:
     ``i``. Otherwise thread ``i`` takes ``ceil(left / threads_left)`` iterations in turn."""
     if n_threads < 1:
         raise CpuinferError(f"static_schedule needs at least one thread, got {n_threads}")
-    out = np.zeros((n_threads, 2), np.int64)
-    if n_iter <= n_threads:
-        for i in range(n_threads):
-            out[i] = (i, i + 1) if i < n_iter else (n_iter, n_iter)
-        return out
-    cur = 0
-    for i in range(n_threads):
-        ilen = (n_iter - cur - 1) // (n_threads - i) + 1
-        out[i] = (cur, cur + ilen)
-        cur += ilen
+    out = np.full((n_threads, 2), n_iter, np.int64)
+    parts = min(n_threads, n_iter)
+    for i in range(parts):
+        out[i] = schedule_block(n_iter, parts, i)
     return out
 
 

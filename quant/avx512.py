@@ -1,18 +1,29 @@
-"""AVX-512 (VNNI) row dots with int8 activations: Q8_0, Q4_0, Q4_1, bit-identical to
-:mod:`quant.avx2`'s kernels.
+"""AVX-512 (VNNI) tiles of row dots with int8 activations: Q8_0, Q4_0, Q4_1, each output
+bit-identical to :mod:`quant.avx2`'s row dot on the same row and token.
 
-Each loop step handles two 32-value blocks ``b = 2j, 2j + 1`` in one 512-bit register: the 64
-activation bytes ``xq[64j : 64j + 64]`` are one load, and the weights are arranged to match
-(per 128-bit lane: block 2j low | high, block 2j+1 low | high)::
+A *tile* is ``R`` weight rows × ``T`` tokens (4 × 4, 4 × 1, 1 × 4 and 1 × 1 are emitted; which rows, see
+:func:`_rows_codegen`): each
+weight pair is loaded and unpacked once and used for ``T`` tokens, each activation pair once for
+``R`` rows, and the ``R·T`` accumulator chains are independent, so the loop is bounded by
+throughput, not by the 4-cycle latency of one ``fma`` chain (a single row dot is). Each loop step
+handles two 32-value blocks ``b = 2j, 2j + 1`` in one 512-bit register: the 64 activation bytes
+``xq[t, 64j : 64j + 64]`` are one load, and the weights are arranged to match (per 128-bit lane:
+block 2j low | high, block 2j+1 low | high)::
 
-    Q8_0  qs of block 2j ‖ qs of block 2j+1          (bytes 68j+2 .. +34, 68j+36 .. +68)
+    Q8_0  (qs of block 2j ‖ qs of block 2j+1) XOR 0x80   = w + 128 as unsigned bytes
+          (block 34 bytes: d f16, qs[32] at +2)
     Q4_x  per block the 16 bytes of qs loaded twice, the second copy shifted right by 4,
-          then & 0x0F: low nibbles ‖ high nibbles     (Q4_0 block 18 bytes, qs at +2;
-                                                       Q4_1 block 20 bytes, qs at +4)
-    p   = vpdpbusd(0, q, xq)                           16 × int32: lane i of block half h is
-                                                       the exact sum over bytes 4i..4i+3
-          Q8_0: q = |w|, xq negated where w < 0;  Q4_0: minus vpdpbusd(0, 8, xq)
-    acc = fma(float(p), [d_2j·xd[2j]] × 8 ‖ [d_2j+1·xd[2j+1]] × 8, acc)
+          then & 0x0F: low nibbles ‖ high nibbles      (Q4_0 block 18 bytes, qs at +2;
+                                                        Q4_1 block 20 bytes, qs at +4)
+    p   = vpdpbusd(xn[t, 16j : 16j + 16], q, y)        16 × int32: lane i of block half h is
+                                                        the exact sum over bytes 4i..4i+3
+          Q8_0: Σ (w + 128)·y − 128·Σ y = Σ w·y;   Q4_0: Σ q·y − 8·Σ y = Σ (q − 8)·y;
+          Q4_1: xn unused (0): Σ q·y
+    acc = fma(float(p), [d_2j·xd[t, 2j]] × 8 ‖ [d_2j+1·xd[t, 2j+1]] × 8, acc)
+
+``xn`` (int32 ``[n, k/4]``, :func:`neg_group_sums`) holds ``−c·Σ`` of each 4 activation bytes,
+``c`` = 128 for Q8_0 and 8 for Q4_0: the weight-independent half of the offset, computed once per
+token instead of once per row.
 
 The AVX2 kernel keeps two 8-lane chains, even blocks and odd blocks, and adds an odd last block
 to the even chain; its ``vpmaddubsw``/``vpmaddwd`` pair yields the same 8 exact int32 lane sums
@@ -27,141 +38,253 @@ avx512vnni (``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` honoured as for AVX2).
 """
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .avx2 import (_F32, _I8, _I16, _I32, _LAYOUT, _Q4_0, _Q4_1, _Q8_0, _V8F32, _check_sig, _fn,
-                   _load, block_step, finish_row, host_has, row_args)
+from .avx2 import (_F32, _I8, _I16, _I32, _LAYOUT, _Q4_0, _Q4_1, _Q8_0, _fn, _load, block_step,
+                   finish_row, host_has)
 from .jit import kernel
 
 HAVE_AVX512_VNNI = host_has("avx512f", "avx512bw", "avx512vl", "avx512vnni")
 """Whether the compile target can run this module's kernels."""
 
+OFFSET_Q8_0, OFFSET_Q4_0 = 128, 8
+"""The ``c`` of :func:`neg_group_sums` that the Q8_0 and Q4_0 tiles read (Q4_1 reads no ``xn``)."""
+_OFFSET = {_Q8_0: OFFSET_Q8_0, _Q4_0: OFFSET_Q4_0, _Q4_1: 0}
+
+TILE_ROWS, TILE_TOKENS = 4, 4
+"""The large tile; leftover rows and tokens run in 1-row / 1-token tiles."""
+
 _V16I8, _V32I8, _V64I8 = (ir.VectorType(_I8, n) for n in (16, 32, 64))
 _V16I32, _V16F32 = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+_V2F32, _V2I16 = ir.VectorType(_F32, 2), ir.VectorType(_I16, 2)
 
 
 def _mask(values):
     return ir.Constant(ir.VectorType(_I32, len(values)), list(values))
 
 
-def _pair_step(builder, kind, ptrs, j, acc_ptr, extra_ptr):
-    """Accumulate blocks ``2j`` (lanes 0..7) and ``2j + 1`` (lanes 8..15) into ``*acc_ptr``
-    (16 × float32) and, for Q4_1, their ``m_w · xs`` into ``*extra_ptr`` (2 × float32)."""
-    w_ptr, x_ptr, xd_data, xs_data, nb = ptrs
-    intp = nb.type
+def _byte_ptr(builder, base, offset):
+    return builder.gep(builder.bitcast(base, _I8.as_pointer()), [offset])
+
+
+def _typed_ptr(builder, base, offset, ty):
+    return builder.bitcast(_byte_ptr(builder, base, offset), ty.as_pointer())
+
+
+def _half_pair(builder, w_ptr, off0, off1):
+    """float32 × 2 from the f16 values at byte offsets ``off0``, ``off1`` of ``w_ptr``."""
+    d = ir.Constant(_V2I16, ir.Undefined)
+    d = builder.insert_element(d, _load(builder, w_ptr, off0, _I16), ir.Constant(_I32, 0))
+    d = builder.insert_element(d, _load(builder, w_ptr, off1, _I16), ir.Constant(_I32, 1))
+    return builder.fpext(builder.bitcast(d, ir.VectorType(ir.HalfType(), 2)), _V2F32)
+
+
+def _unpack_pair(builder, kind, w_ptr, j):
+    """(q, d, m) of weight blocks 2j, 2j+1: q as 64 unsigned bytes (layout above), d and Q4_1's
+    m as float32 × 2 (m None otherwise)."""
+    intp = j.type
     block_bytes, q_offset = _LAYOUT[kind]
-    dpbusd = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32, _V16I32, _V16I32])
-    fma = _fn(builder, "llvm.fma.v16f32", _V16F32, [_V16F32, _V16F32, _V16F32])
-    zero = ir.Constant(_V16I32, [0] * 16)
-
-    def dot(q, y):
-        return builder.call(dpbusd, [zero, builder.bitcast(q, _V16I32), builder.bitcast(y, _V16I32)])
-
-    b0 = builder.mul(j, ir.Constant(intp, 2))
-    w0 = builder.mul(b0, ir.Constant(intp, block_bytes))
+    w0 = builder.mul(j, ir.Constant(intp, 2 * block_bytes))
     w1 = builder.add(w0, ir.Constant(intp, block_bytes))
-    y = _load(builder, x_ptr, builder.mul(j, ir.Constant(intp, 64)), _V64I8)
+    q0_at = builder.add(w0, ir.Constant(intp, q_offset))
+    q1_at = builder.add(w1, ir.Constant(intp, q_offset))
     if kind == _Q8_0:
-        q0 = _load(builder, w_ptr, builder.add(w0, ir.Constant(intp, q_offset)), _V32I8)
-        q1 = _load(builder, w_ptr, builder.add(w1, ir.Constant(intp, q_offset)), _V32I8)
-        w = builder.shuffle_vector(q0, q1, _mask(range(64)))
-        absb = _fn(builder, "llvm.abs.v64i8", _V64I8, [_V64I8, ir.IntType(1)])
-        q = builder.call(absb, [w, ir.Constant(ir.IntType(1), 0)])   # -128 -> 128 unsigned
-        neg = builder.icmp_signed("<", w, ir.Constant(_V64I8, [0] * 64))
-        y = builder.select(neg, builder.sub(ir.Constant(_V64I8, [0] * 64), y), y)
-        p = dot(q, y)
+        w = builder.shuffle_vector(_load(builder, w_ptr, q0_at, _V32I8),
+                                   _load(builder, w_ptr, q1_at, _V32I8), _mask(range(64)))
+        q = builder.xor(w, ir.Constant(_V64I8, [0x80] * 64))
     else:
-        p0 = _load(builder, w_ptr, builder.add(w0, ir.Constant(intp, q_offset)), _V16I8)
-        p1 = _load(builder, w_ptr, builder.add(w1, ir.Constant(intp, q_offset)), _V16I8)
-        twice = builder.shuffle_vector(p0, p1, _mask(list(range(16)) * 2 + list(range(16, 32)) * 2))
+        twice = builder.shuffle_vector(_load(builder, w_ptr, q0_at, _V16I8),
+                                       _load(builder, w_ptr, q1_at, _V16I8),
+                                       _mask(list(range(16)) * 2 + list(range(16, 32)) * 2))
         v32i16 = ir.VectorType(_I16, 32)
         shifted = builder.lshr(builder.bitcast(twice, v32i16),
                                ir.Constant(v32i16, ([0] * 8 + [4] * 8) * 2))
         q = builder.and_(builder.bitcast(shifted, _V64I8), ir.Constant(_V64I8, [0x0F] * 64))
-        p = dot(q, y)
-        if kind == _Q4_0:                   # Σ (q − 8)·xq = Σ q·xq − Σ 8·xq, per 4-byte lane
-            p = builder.sub(p, dot(ir.Constant(_V64I8, [8] * 64), y))
-    # d_w · xd of both blocks as 2 lanes (the same single-rounding products), then each
-    # broadcast to its 8 lanes
-    v2i16, v2f32 = ir.VectorType(_I16, 2), ir.VectorType(_F32, 2)
-    d = ir.Constant(v2i16, ir.Undefined)
-    d = builder.insert_element(d, _load(builder, w_ptr, w0, _I16), ir.Constant(_I32, 0))
-    d = builder.insert_element(d, _load(builder, w_ptr, w1, _I16), ir.Constant(_I32, 1))
-    dw = builder.fpext(builder.bitcast(d, ir.VectorType(ir.HalfType(), 2)), v2f32)
-    xd2 = builder.load(builder.bitcast(builder.gep(xd_data, [b0]), v2f32.as_pointer()), align=4)
-    s2 = builder.fmul(dw, xd2)
-    scale = builder.shuffle_vector(s2, s2, _mask([0] * 8 + [1] * 8))
+    d = _half_pair(builder, w_ptr, w0, w1)
+    m = None
     if kind == _Q4_1:
-        m = ir.Constant(v2i16, ir.Undefined)
-        m = builder.insert_element(m, _load(builder, w_ptr, builder.add(w0, ir.Constant(intp, 2)),
-                                            _I16), ir.Constant(_I32, 0))
-        m = builder.insert_element(m, _load(builder, w_ptr, builder.add(w1, ir.Constant(intp, 2)),
-                                            _I16), ir.Constant(_I32, 1))
-        mf = builder.fpext(builder.bitcast(m, ir.VectorType(ir.HalfType(), 2)), v2f32)
-        xs2 = builder.load(builder.bitcast(builder.gep(xs_data, [b0]), v2f32.as_pointer()), align=4)
-        builder.store(builder.fadd(builder.load(extra_ptr), builder.fmul(mf, xs2)), extra_ptr)
-    builder.store(builder.call(fma, [builder.sitofp(p, _V16F32), scale, builder.load(acc_ptr)]),
-                  acc_ptr)
+        two = ir.Constant(intp, 2)
+        m = _half_pair(builder, w_ptr, builder.add(w0, two), builder.add(w1, two))
+    return builder.bitcast(q, _V16I32), d, m
 
 
-def _row_dot_codegen(kind):
+class _Token:
+    """Pointers of one token's activation tables (rows of the 2-D ``xq``, ``xd``, ``xs``, ``xn``)."""
+
+    def __init__(self, builder, arrays, t):
+        xq, xd, xs, xn = ((a.data, cgutils.unpack_tuple(builder, a.strides, 2)[0]) for a in arrays)
+        self.x = _byte_ptr(builder, xq[0], builder.mul(t, xq[1]))
+        self.xd = _typed_ptr(builder, xd[0], builder.mul(t, xd[1]), _F32)
+        self.xs = _typed_ptr(builder, xs[0], builder.mul(t, xs[1]), _F32)
+        self.xn = _byte_ptr(builder, xn[0], builder.mul(t, xn[1]))
+
+
+def _emit_tile(builder, kind, w_rows, toks, nb):
+    """Emit the pair loop and odd tail of one ``len(w_rows)`` × ``len(toks)`` tile; returns the
+    results as ``results[i][t]`` (float32 values)."""
+    intp = nb.type
+    dpbusd = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32, _V16I32, _V16I32])
+    fma = _fn(builder, "llvm.fma.v16f32", _V16F32, [_V16F32, _V16F32, _V16F32])
+    zero16 = ir.Constant(_V16I32, [0] * 16)
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16)) for _ in toks]
+            for _ in w_rows]
+    extras = [[cgutils.alloca_once_value(builder, ir.Constant(_V2F32, [0.0] * 2)) for _ in toks]
+              for _ in w_rows]
+    pairs = builder.udiv(nb, ir.Constant(intp, 2))
+    with cgutils.for_range(builder, pairs) as loop:
+        j = loop.index
+        b0 = builder.mul(j, ir.Constant(intp, 2))
+        weights = [_unpack_pair(builder, kind, w_ptr, j) for w_ptr in w_rows]
+        for t, tok in enumerate(toks):
+            y = _load(builder, tok.x, builder.mul(j, ir.Constant(intp, 64)), _V16I32)
+            base = zero16
+            if _OFFSET[kind]:
+                base = _load(builder, tok.xn, builder.mul(j, ir.Constant(intp, 64)), _V16I32)
+            xd2 = builder.load(builder.bitcast(builder.gep(tok.xd, [b0]), _V2F32.as_pointer()),
+                               align=4)
+            xs2 = None
+            if kind == _Q4_1:
+                xs2 = builder.load(builder.bitcast(builder.gep(tok.xs, [b0]),
+                                                   _V2F32.as_pointer()), align=4)
+            for i, (q, d, m) in enumerate(weights):
+                p = builder.call(dpbusd, [base, q, y])
+                s2 = builder.fmul(d, xd2)
+                scale = builder.shuffle_vector(s2, s2, _mask([0] * 8 + [1] * 8))
+                acc = accs[i][t]
+                builder.store(builder.call(fma, [builder.sitofp(p, _V16F32), scale,
+                                                 builder.load(acc)]), acc)
+                if xs2 is not None:
+                    extra = extras[i][t]
+                    builder.store(builder.fadd(builder.load(extra), builder.fmul(m, xs2)), extra)
+    results = []
+    odd = builder.icmp_unsigned("!=", builder.mul(pairs, ir.Constant(intp, 2)), nb)
+    for i, w_ptr in enumerate(w_rows):
+        row = []
+        for t, tok in enumerate(toks):
+            acc, extra = builder.load(accs[i][t]), builder.load(extras[i][t])
+            halves = [cgutils.alloca_once_value(builder, builder.shuffle_vector(
+                acc, acc, _mask(range(8 * h, 8 * h + 8)))) for h in range(2)]
+            parts = [cgutils.alloca_once_value(builder, builder.extract_element(
+                extra, ir.Constant(_I32, h))) for h in range(2)]
+            with builder.if_then(odd):      # the AVX2 kernel adds a last odd block to chain 0
+                block_step(builder, kind, (w_ptr, tok.x, tok.xd, tok.xs, nb),
+                           builder.sub(nb, ir.Constant(intp, 1)), halves[0], parts[0])
+            row.append(finish_row(builder, halves, parts))
+        results.append(row)
+    return results
+
+
+def _rows_codegen(kind):
+    """``out[t, r] = W[r] · x_t`` for rows ``r0 <= r < r1`` and every token ``t`` of ``xq``.
+
+    With ``q = (r1 − r0) // 4``, tile ``a`` takes rows ``r0 + a + i·q`` (i = 0..3): the four
+    rows advance through four long sequential runs of memory, which the hardware prefetcher
+    follows (four adjacent rows would be four 36-line streams restarted every tile: from DRAM
+    that read ~2× slower than one row at a time). Tokens go in 4-token tiles, then one by one;
+    the last ``(r1 − r0) % 4`` rows in 1-row tiles.
+    """
     def codegen(context, builder, sig, args):
-        ptrs = row_args(context, builder, sig, args)
-        nb = ptrs[-1]
+        w_t, r0_t, r1_t, xq_t, xd_t, xs_t, xn_t, out_t = sig.args
+        w = context.make_array(w_t)(context, builder, args[0])
+        arrays = [context.make_array(ty)(context, builder, a)
+                  for ty, a in zip((xq_t, xd_t, xs_t, xn_t), args[3:7])]
+        out = context.make_array(out_t)(context, builder, args[7])
+        n, nb = cgutils.unpack_tuple(builder, arrays[1].shape, 2)
         intp = nb.type
-        acc_p = cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16))
-        extra_p = cgutils.alloca_once_value(builder, ir.Constant(ir.VectorType(_F32, 2), [0.0] * 2))
-        pairs = builder.udiv(nb, ir.Constant(intp, 2))
-        with cgutils.for_range(builder, pairs) as loop:
-            _pair_step(builder, kind, ptrs, loop.index, acc_p, extra_p)
-        acc, extra = builder.load(acc_p), builder.load(extra_p)
-        accs = [cgutils.alloca_once_value(builder, builder.shuffle_vector(
-            acc, acc, _mask(range(8 * h, 8 * h + 8)))) for h in range(2)]
-        extras = [cgutils.alloca_once_value(builder, builder.extract_element(
-            extra, ir.Constant(_I32, h))) for h in range(2)]
-        odd = builder.icmp_unsigned("!=", builder.mul(pairs, ir.Constant(intp, 2)), nb)
-        with builder.if_then(odd):          # the AVX2 kernel adds a last odd block to chain 0
-            block_step(builder, kind, ptrs, builder.sub(nb, ir.Constant(intp, 1)), accs[0],
-                       extras[0])
-        return finish_row(builder, accs, extras)
+        r0 = context.cast(builder, args[1], r0_t, types.intp)
+        r1 = context.cast(builder, args[2], r1_t, types.intp)
+        w_stride = cgutils.unpack_tuple(builder, w.strides, 2)[0]
+        o_stride = cgutils.unpack_tuple(builder, out.strides, 2)[0]
+
+        def c(v):
+            return ir.Constant(intp, v)
+
+        def run(rows, t, n_toks):
+            w_rows = [_byte_ptr(builder, w.data, builder.mul(r, w_stride)) for r in rows]
+            toks = [_Token(builder, arrays, builder.add(t, c(s))) for s in range(n_toks)]
+            res = _emit_tile(builder, kind, w_rows, toks, nb)
+            for i, r in enumerate(rows):
+                for s in range(n_toks):
+                    at = builder.add(builder.mul(builder.add(t, c(s)), o_stride),
+                                     builder.mul(r, c(4)))
+                    builder.store(res[i][s], _typed_ptr(builder, out.data, at, _F32))
+
+        full_t = builder.udiv(n, c(TILE_TOKENS))
+        t_end = builder.mul(full_t, c(TILE_TOKENS))
+
+        def over_tokens(rows):
+            with cgutils.for_range(builder, full_t) as lt:
+                run(rows, builder.mul(lt.index, c(TILE_TOKENS)), TILE_TOKENS)
+            with cgutils.for_range(builder, builder.sub(n, t_end)) as lt:
+                run(rows, builder.add(t_end, lt.index), 1)
+
+        q = builder.udiv(builder.sub(r1, r0), c(TILE_ROWS))
+        with cgutils.for_range(builder, q) as lr:
+            first = builder.add(r0, lr.index)
+            over_tokens([builder.add(first, builder.mul(q, c(i))) for i in range(TILE_ROWS)])
+        r_end = builder.add(r0, builder.mul(q, c(TILE_ROWS)))
+        with cgutils.for_range(builder, builder.sub(r1, r_end)) as lr:
+            over_tokens([builder.add(r_end, lr.index)])
+        return context.get_dummy_value()
 
     return codegen
 
 
-@intrinsic
-def _row_dot_q8_0(typingctx, row, xq, xd, xs):
-    if _check_sig(row, xq, xd, xs):
-        return types.float32(row, xq, xd, xs), _row_dot_codegen(_Q8_0)
+def _check_rows_sig(w, r0, r1, xq, xd, xs, xn, out):
+    def arr(a, dtype, ndim):
+        return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == ndim
+    return (arr(w, types.uint8, 2) and isinstance(r0, types.Integer)
+            and isinstance(r1, types.Integer) and arr(xq, types.int8, 2)
+            and arr(xd, types.float32, 2) and arr(xs, types.float32, 2)
+            and arr(xn, types.int32, 2) and arr(out, types.float32, 2))
 
 
 @intrinsic
-def _row_dot_q4_0(typingctx, row, xq, xd, xs):
-    if _check_sig(row, xq, xd, xs):
-        return types.float32(row, xq, xd, xs), _row_dot_codegen(_Q4_0)
+def _rows_q8_0(typingctx, w, r0, r1, xq, xd, xs, xn, out):
+    if _check_rows_sig(w, r0, r1, xq, xd, xs, xn, out):
+        return types.void(w, r0, r1, xq, xd, xs, xn, out), _rows_codegen(_Q8_0)
 
 
 @intrinsic
-def _row_dot_q4_1(typingctx, row, xq, xd, xs):
-    if _check_sig(row, xq, xd, xs):
-        return types.float32(row, xq, xd, xs), _row_dot_codegen(_Q4_1)
+def _rows_q4_0(typingctx, w, r0, r1, xq, xd, xs, xn, out):
+    if _check_rows_sig(w, r0, r1, xq, xd, xs, xn, out):
+        return types.void(w, r0, r1, xq, xd, xs, xn, out), _rows_codegen(_Q4_0)
+
+
+@intrinsic
+def _rows_q4_1(typingctx, w, r0, r1, xq, xd, xs, xn, out):
+    if _check_rows_sig(w, r0, r1, xq, xd, xs, xn, out):
+        return types.void(w, r0, r1, xq, xd, xs, xn, out), _rows_codegen(_Q4_1)
 
 
 @kernel
-def idot_q8_0_avx512(row, xq, xd, xs):
-    """Q8_0 row · int8 activations (AVX-512 VNNI); equals ``avx2.idot_q8_0_avx2`` bit for bit."""
-    return _row_dot_q8_0(row, xq, xd, xs)
+def rows_q8_0_avx512(w, r0, r1, xq, xd, xs, xn, out):
+    """``out[t, r] = W[r] · x_t`` (Q8_0 rows ``r0..r1`` of ``w``, every token of the 2-D int8
+    tables; ``xn`` from ``neg_group_sums(xq, 128, xn)``); each value equals
+    ``avx2.idot_q8_0_avx2(w[r], xq[t], xd[t], xs[t])`` bit for bit."""
+    _rows_q8_0(w, r0, r1, xq, xd, xs, xn, out)
 
 
 @kernel
-def idot_q4_0_avx512(row, xq, xd, xs):
-    """Q4_0 row · int8 activations (AVX-512 VNNI); equals ``avx2.idot_q4_0_avx2`` bit for bit."""
-    return _row_dot_q4_0(row, xq, xd, xs)
+def rows_q4_0_avx512(w, r0, r1, xq, xd, xs, xn, out):
+    """As :func:`rows_q8_0_avx512` for Q4_0 (``xn`` from ``neg_group_sums(xq, 8, xn)``)."""
+    _rows_q4_0(w, r0, r1, xq, xd, xs, xn, out)
 
 
 @kernel
-def idot_q4_1_avx512(row, xq, xd, xs):
-    """Q4_1 row · int8 activations (AVX-512 VNNI); equals ``avx2.idot_q4_1_avx2`` bit for bit."""
-    return _row_dot_q4_1(row, xq, xd, xs)
+def rows_q4_1_avx512(w, r0, r1, xq, xd, xs, xn, out):
+    """As :func:`rows_q8_0_avx512` for Q4_1 (``xn`` unused)."""
+    _rows_q4_1(w, r0, r1, xq, xd, xs, xn, out)
+
+
+@kernel
+def neg_group_sums(xq, c, xn):
+    """``xn[i] = −c · (xq[4i] + xq[4i+1] + xq[4i+2] + xq[4i+3])`` for one token (int32)."""
+    for i in range(xn.shape[0]):
+        s = (np.int32(xq[4 * i]) + np.int32(xq[4 * i + 1]) + np.int32(xq[4 * i + 2])
+             + np.int32(xq[4 * i + 3]))
+        xn[i] = -np.int32(c) * s

@@ -27,8 +27,10 @@ import re
 from pathlib import Path
 
 import numba
-from numba import njit
-from numba.core import caching
+from llvmlite import ir as llvm_ir
+from numba import njit, types
+from numba.core import caching, cgutils
+from numba.extending import intrinsic
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _PROJECT_PACKAGES = ("quant", "cpuinfer", "numa")
@@ -117,3 +119,20 @@ def get_threads() -> int:
 def max_threads() -> int:
     """Largest value :func:`set_threads` accepts (numba's pool size)."""
     return numba.config.NUMBA_NUM_THREADS
+
+
+@intrinsic
+def num_threads(typingctx):
+    """Thread count the next ``prange`` of the calling thread will use (numba's
+    ``get_num_threads()``, which compiled code can call but not cache: it goes through a ctypes
+    pointer). This calls the threading layer's ``get_num_threads`` symbol by name, as numba's own
+    parfor lowering does, so kernels using it stay cacheable."""
+    from numba.np.ufunc.parallel import _launch_threads
+    _launch_threads()                  # registers the symbol with LLVM
+
+    def codegen(context, builder, sig, args):
+        fnty = llvm_ir.FunctionType(llvm_ir.IntType(types.intp.bitwidth), [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "get_num_threads")
+        return builder.call(fn, [])
+
+    return types.intp(), codegen

@@ -49,18 +49,15 @@ from numba import prange
 from cpuinfer.gguf import GGMLType
 
 from . import avx2, avx512, floats, kquants, legacy
-from .jit import kernel, parallel_kernel
+from .jit import kernel, num_threads, parallel_kernel
 from .kquants import QK_K, quantize_act_q8k
 from .legacy import QK, quantize_act_q8
 
-# Row dots on int8 activations for the hot formats: AVX-512 VNNI (vpdpbusd, two blocks per
-# instruction, bit-identical to AVX2) or AVX2 (vpmaddubsw) where the CPU has it, else the portable
-# numba loops. Chosen once at import; numba's cache is keyed per CPU.
-if avx512.HAVE_AVX512_VNNI:
-    _idot_q8_0, _idot_q4_0, _idot_q4_1 = (avx512.idot_q8_0_avx512, avx512.idot_q4_0_avx512,
-                                          avx512.idot_q4_1_avx512)
-    _idot_q4_k, _idot_q6_k = avx2.idot_q4_k_avx2, avx2.idot_q6_k_avx2
-elif avx2.HAVE_AVX2:
+# Row dots on int8 activations for the hot formats: AVX-512 VNNI tiles (4 rows × 4 tokens per
+# step, bit-identical to AVX2) or AVX2 (vpmaddubsw) row dots where the CPU has it, else the
+# portable numba loops. Chosen once at import; numba's cache is keyed per CPU.
+HAVE_TILES = avx512.HAVE_AVX512_VNNI
+if avx2.HAVE_AVX2:
     _idot_q8_0, _idot_q4_0, _idot_q4_1 = (avx2.idot_q8_0_avx2, avx2.idot_q4_0_avx2,
                                           avx2.idot_q4_1_avx2)
     _idot_q4_k, _idot_q6_k = avx2.idot_q4_k_avx2, avx2.idot_q6_k_avx2
@@ -158,24 +155,57 @@ def dot_rows(qtype, w, r0, r1, x, out):
 
 
 @kernel
-def idot_rows(qtype, w, r0, r1, xq, xd, xs, out):
-    """``out[r] = W[r] · x`` for rows ``r0 <= r < r1``, legacy formats, int8 activations
-    (``xq``, ``xd``, ``xs`` as made by :func:`quant.legacy.quantize_act_q8`)."""
+def _idot_rows_rowwise(qtype, w, r0, r1, xq, xd, xs, xn, out):
+    """``out[t, r] = W[r] · x_t`` for rows ``r0 <= r < r1`` and every token ``t``, legacy
+    formats, int8 activations (2-D tables as made by :func:`quant.legacy.quantize_act_q8`;
+    ``xn`` unused), one row dot at a time."""
+    for t in range(xq.shape[0]):
+        xq_t, xd_t, xs_t, out_t = xq[t], xd[t], xs[t], out[t]
+        if qtype == _Q8_0:
+            for r in range(r0, r1):
+                out_t[r] = _idot_q8_0(w[r], xq_t, xd_t, xs_t)
+        elif qtype == _Q4_0:
+            for r in range(r0, r1):
+                out_t[r] = _idot_q4_0(w[r], xq_t, xd_t, xs_t)
+        elif qtype == _Q4_1:
+            for r in range(r0, r1):
+                out_t[r] = _idot_q4_1(w[r], xq_t, xd_t, xs_t)
+        elif qtype == _Q5_0:
+            for r in range(r0, r1):
+                out_t[r] = legacy._idot_q5_0(w[r], xq_t, xd_t, xs_t)
+        elif qtype == _Q5_1:
+            for r in range(r0, r1):
+                out_t[r] = legacy._idot_q5_1(w[r], xq_t, xd_t, xs_t)
+
+
+@kernel
+def _idot_rows_tiled(qtype, w, r0, r1, xq, xd, xs, xn, out):
+    """As :func:`_idot_rows_rowwise` (same bits), Q8_0/Q4_0/Q4_1 in AVX-512 VNNI tiles
+    (``xn`` filled by :func:`fill_xn`)."""
     if qtype == _Q8_0:
-        for r in range(r0, r1):
-            out[r] = _idot_q8_0(w[r], xq, xd, xs)
+        avx512.rows_q8_0_avx512(w, r0, r1, xq, xd, xs, xn, out)
     elif qtype == _Q4_0:
-        for r in range(r0, r1):
-            out[r] = _idot_q4_0(w[r], xq, xd, xs)
+        avx512.rows_q4_0_avx512(w, r0, r1, xq, xd, xs, xn, out)
     elif qtype == _Q4_1:
-        for r in range(r0, r1):
-            out[r] = _idot_q4_1(w[r], xq, xd, xs)
-    elif qtype == _Q5_0:
-        for r in range(r0, r1):
-            out[r] = legacy._idot_q5_0(w[r], xq, xd, xs)
-    elif qtype == _Q5_1:
-        for r in range(r0, r1):
-            out[r] = legacy._idot_q5_1(w[r], xq, xd, xs)
+        avx512.rows_q4_1_avx512(w, r0, r1, xq, xd, xs, xn, out)
+    else:
+        _idot_rows_rowwise(qtype, w, r0, r1, xq, xd, xs, xn, out)
+
+
+idot_rows = _idot_rows_tiled if HAVE_TILES else _idot_rows_rowwise
+"""``idot_rows(qtype, w, r0, r1, xq, xd, xs, xn, out)``: ``out[t, r] = W[r] · x_t`` for rows
+``r0 <= r < r1`` and every token of the 2-D int8 activation tables (:func:`act_tables`)."""
+
+
+@kernel
+def fill_xn(qtype, xq, xn):
+    """The tiles' per-token ``xn`` table (:func:`quant.avx512.neg_group_sums`) where the chosen
+    kernels read it; nothing otherwise."""
+    if HAVE_TILES:
+        if qtype == _Q8_0:
+            avx512.neg_group_sums(xq, avx512.OFFSET_Q8_0, xn)
+        elif qtype == _Q4_0:
+            avx512.neg_group_sums(xq, avx512.OFFSET_Q4_0, xn)
 
 
 @kernel
@@ -236,7 +266,7 @@ def dequant_row(qtype, row, out):
 def act_scratch_bytes(qtype, n, k):
     """Bytes of scratch ``matmul_kernel`` needs for ``n`` tokens of ``k`` values (0 if none)."""
     if uses_q8_act(qtype):
-        return n * (k + 8 * (k // QK))
+        return n * (2 * k + 8 * (k // QK))
     if uses_q8k_act(qtype):
         return n * (k + 4 * (k // QK_K) + 2 * (k // 16))
     return 0
@@ -244,14 +274,17 @@ def act_scratch_bytes(qtype, n, k):
 
 @kernel
 def act_tables(scratch, n, k):
-    """(xq int8[n, k], xd float32[n, k/32], xs float32[n, k/32]) laid out in ``scratch``."""
+    """(xq int8[n, k], xd float32[n, k/32], xs float32[n, k/32], xn int32[n, k/4]) laid out in
+    ``scratch``."""
     nb = k // QK
     q_end = n * k
     d_end = q_end + 4 * n * nb
+    s_end = d_end + 4 * n * nb
     xq = scratch[:q_end].view(np.int8).reshape((n, k))
     xd = scratch[q_end:d_end].view(np.float32).reshape((n, nb))
-    xs = scratch[d_end:d_end + 4 * n * nb].view(np.float32).reshape((n, nb))
-    return xq, xd, xs
+    xs = scratch[d_end:s_end].view(np.float32).reshape((n, nb))
+    xn = scratch[s_end:s_end + n * k].view(np.int32).reshape((n, k // 4))
+    return xq, xd, xs, xn
 
 
 @kernel
@@ -268,7 +301,19 @@ def act_tables_k(scratch, n, k):
 
 # --- drivers ---------------------------------------------------------------------------------
 
-ROW_TILE = 16      # rows per parallel task; their bytes stay in L1 while all tokens use them
+ROW_TILE = 16      # rows per unit of work; threads get contiguous runs of units
+TOKEN_BLOCK = 16   # tokens per pass of a thread over its rows (their int8 tables stay in L2)
+
+
+@kernel
+def schedule_block(n_iter, n_parts, p):
+    """``(i0, i1)``: the half-open range of ``n_iter`` iterations that part ``p`` of ``n_parts``
+    gets — numba's static ``prange`` schedule (``gufunc_scheduler.cpp``, ``create_schedule``):
+    part ``i`` takes ``ceil(left / parts_left)`` iterations in turn."""
+    cur = 0
+    for i in range(p):
+        cur += (n_iter - cur - 1) // (n_parts - i) + 1
+    return cur, cur + (n_iter - cur - 1) // (n_parts - p) + 1
 
 
 @parallel_kernel
@@ -276,23 +321,28 @@ def matmul_kernel(qtype, w, x, out, scratch):
     """``out[t, r] = Σ_j x[t, j] · W[r, j]`` for uint8 rows ``w[rows, row_bytes]``.
 
     ``x`` float32[n, k], ``out`` float32[n, rows], ``scratch`` uint8 of at least
-    ``act_scratch_bytes(qtype, n, k)`` bytes (unused for float-activation formats). Parallel over
-    chunks of ROW_TILE rows; with n > 1 every token is multiplied with a chunk while its bytes are
-    in L1, so each weight row is fetched from memory once per call.
+    ``act_scratch_bytes(qtype, n, k)`` bytes (unused for float-activation formats). Rows are cut
+    into chunks of ROW_TILE and each thread takes the contiguous run of chunks numba's static
+    schedule would give it (:func:`schedule_block`; :mod:`numa.plan` places rows by the same
+    rule) in one task, so a thread's weights are one sequential stream. Int8-activation formats
+    run the whole run per TOKEN_BLOCK tokens in tiles (:func:`idot_rows`); the others multiply
+    every token with a chunk while its bytes are in L1.
     """
     n, k = x.shape
     rows = w.shape[0]
     q8 = uses_q8_act(qtype)
     q8k = uses_q8k_act(qtype)
-    xq, xd, xs = act_tables(scratch, n if q8 else 0, k)
+    xq, xd, xs, xn = act_tables(scratch, n if q8 else 0, k)
     kq, kd, kb = act_tables_k(scratch, n if q8k else 0, k)
     if q8:
         if n < 4:
             for t in range(n):
                 quantize_act_q8(x[t], xq[t], xd[t], xs[t])
+                fill_xn(qtype, xq[t], xn[t])
         else:
             for t in prange(n):
                 quantize_act_q8(x[t], xq[t], xd[t], xs[t])
+                fill_xn(qtype, xq[t], xn[t])
     elif q8k:
         if n < 4:
             for t in range(n):
@@ -301,33 +351,24 @@ def matmul_kernel(qtype, w, x, out, scratch):
             for t in prange(n):
                 quantize_act_q8k(x[t], kq[t], kd[t], kb[t])
     n_chunks = (rows + ROW_TILE - 1) // ROW_TILE
-    if n == 1:
-        out0 = out[0]
-        if q8:
-            xq0, xd0, xs0 = xq[0], xd[0], xs[0]
-            for c in prange(n_chunks):
-                idot_rows(qtype, w, c * ROW_TILE, min(rows, c * ROW_TILE + ROW_TILE), xq0, xd0,
-                          xs0, out0)
-        elif q8k:
-            kq0, kd0, kb0 = kq[0], kd[0], kb[0]
-            for c in prange(n_chunks):
-                idot_rows_k(qtype, w, c * ROW_TILE, min(rows, c * ROW_TILE + ROW_TILE), kq0, kd0,
-                            kb0, out0)
-        else:
-            x0 = x[0]
-            for c in prange(n_chunks):
-                dot_rows(qtype, w, c * ROW_TILE, min(rows, c * ROW_TILE + ROW_TILE), x0, out0)
-        return
-    for c in prange(n_chunks):
-        r0 = c * ROW_TILE
-        r1 = min(rows, r0 + ROW_TILE)
-        for t in range(n):          # ROW_TILE rows' bytes stay in L1 across the tokens
-            if q8:
-                idot_rows(qtype, w, r0, r1, xq[t], xd[t], xs[t], out[t])
-            elif q8k:
-                idot_rows_k(qtype, w, r0, r1, kq[t], kd[t], kb[t], out[t])
-            else:
-                dot_rows(qtype, w, r0, r1, x[t], out[t])
+    parts = min(num_threads(), n_chunks)
+    for p in prange(parts):         # one contiguous run of chunks per thread
+        c0, c1 = schedule_block(n_chunks, parts, p)
+        r0, r1 = c0 * ROW_TILE, min(rows, c1 * ROW_TILE)
+        if q8:                      # 4-row × 4-token tiles reuse each load 4 times
+            for t0 in range(0, n, TOKEN_BLOCK):
+                t1 = min(n, t0 + TOKEN_BLOCK)
+                idot_rows(qtype, w, r0, r1, xq[t0:t1], xd[t0:t1], xs[t0:t1], xn[t0:t1],
+                          out[t0:t1])
+            continue
+        for c in range(c0, c1):     # ROW_TILE rows' bytes stay in L1 across the tokens
+            a = c * ROW_TILE
+            b = min(rows, a + ROW_TILE)
+            for t in range(n):
+                if q8k:
+                    idot_rows_k(qtype, w, a, b, kq[t], kd[t], kb[t], out[t])
+                else:
+                    dot_rows(qtype, w, a, b, x[t], out[t])
 
 
 @kernel

@@ -1,4 +1,4 @@
-"""quant.avx512: AVX-512 VNNI row dots equal the AVX2 ones bit for bit, and are vector code."""
+"""quant.avx512: AVX-512 VNNI tiles equal the AVX2 row dots bit for bit, and are vector code."""
 from __future__ import annotations
 
 import re
@@ -9,81 +9,119 @@ import pytest
 
 from cpuinfer.gguf import GGMLType
 from quant import avx2, avx512, kernels
-from quant_helpers import random_blocks, random_matrix
+from quant_helpers import random_blocks
 
 HOT = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_1": GGMLType.Q4_1}
+OFFSET = {"q8_0": avx512.OFFSET_Q8_0, "q4_0": avx512.OFFSET_Q4_0, "q4_1": 0}
 needs_vnni = pytest.mark.skipif(not avx512.HAVE_AVX512_VNNI,
                                 reason="compile target lacks avx512f/bw/vl/vnni")
 
 
-def _bits(v) -> int:
-    return int(np.float32(v).view(np.uint32))
+def _bits(a) -> np.ndarray:
+    return np.asarray(a, np.float32).view(np.uint32)
 
 
-def _activations(rng, nb: int, extreme: bool):
-    """(xq, xd, xs) as quantize_act_q8 makes them; ``extreme``: only ±127."""
+def _activations(rng, n: int, nb: int, extreme: bool):
+    """2-D (xq, xd, xs) as quantize_act_q8 makes them; ``extreme``: only ±127."""
     if extreme:
-        xq = rng.choice(np.array([127, -127], np.int8), nb * 32)
+        xq = rng.choice(np.array([127, -127], np.int8), (n, nb * 32))
     else:
-        xq = rng.integers(-127, 128, nb * 32).astype(np.int8)
-    xd = (rng.random(nb) * 0.05 + 1e-3).astype(np.float32)
-    xs = xd * xq.reshape(nb, 32).sum(axis=1, dtype=np.int32).astype(np.float32)
+        xq = rng.integers(-127, 128, (n, nb * 32)).astype(np.int8)
+    xd = (rng.random((n, nb)) * 0.05 + 1e-3).astype(np.float32)
+    xs = xd * xq.reshape(n, nb, 32).sum(axis=2, dtype=np.int32).astype(np.float32)
     return xq, xd, xs
+
+
+def _xn(name, xq):
+    xn = np.zeros((xq.shape[0], xq.shape[1] // 4), np.int32)
+    for t in range(xq.shape[0]):
+        avx512.neg_group_sums(xq[t], OFFSET[name], xn[t])
+    return xn
+
+
+def _tiled(name, w, xq, xd, xs, r0=0, r1=None):
+    r1 = w.shape[0] if r1 is None else r1
+    out = np.full((xq.shape[0], w.shape[0]), np.nan, np.float32)
+    getattr(avx512, f"rows_{name}_avx512")(w, r0, r1, xq, xd, xs, _xn(name, xq), out)
+    return out
+
+
+def _rowwise(name, w, xq, xd, xs):
+    dot = getattr(avx2, f"idot_{name}_avx2")
+    return np.array([[dot(w[r], xq[t], xd[t], xs[t]) for r in range(w.shape[0])]
+                     for t in range(xq.shape[0])], np.float32)
+
+
+def test_neg_group_sums():
+    xq = np.array([1, 2, 3, 4, -128, -128, 127, 0], np.int8)
+    xn = np.zeros(2, np.int32)
+    avx512.neg_group_sums(xq, 8, xn)
+    assert xn.tolist() == [-80, 8 * 129]
 
 
 @needs_vnni
 @pytest.mark.parametrize("name", list(HOT))
-def test_avx512_dots_bit_identical_to_avx2(name):
+def test_avx512_tiles_bit_identical_to_avx2_rows(name):
+    """Every tile shape (4 × 4, 4 × 1, 1 × 4, 1 × 1), odd block counts, sign/nibble edges."""
     rng = np.random.default_rng(5)
     t = HOT[name]
-    wide = getattr(avx512, f"idot_{name}_avx512")
-    ref = getattr(avx2, f"idot_{name}_avx2")
     checked = 0
-    for nb in (1, 2, 3, 4, 5, 6, 7, 9, 33, 64, 127, 128):
-        for trial in range(12):
-            blocks = random_blocks(rng, t, nb)
-            if trial % 3 == 1:               # weights at the sign-trick / nibble edges
+    for nb, rows, n in ((1, 1, 1), (2, 4, 4), (3, 5, 7), (5, 9, 4), (6, 8, 5), (9, 3, 9),
+                        (33, 12, 2), (64, 7, 6), (127, 4, 1), (128, 17, 8)):
+        for trial in range(4):
+            w = np.stack([random_blocks(rng, t, nb).reshape(-1) for _ in range(rows)])
+            if trial % 2 == 1:               # weights at the offset / nibble edges
                 q0 = 2 if t != GGMLType.Q4_1 else 4
                 edges = np.array([0x80, 0x7F, 0x81, 0x00, 0x01, 0xFF, 0x88, 0x0F, 0xF0],
                                  np.uint8)
-                blocks[:, q0:] = rng.choice(edges, size=blocks[:, q0:].shape)
-            if trial % 4 == 2 and t == GGMLType.Q8_0:
-                blocks[:, 2:] = 0x80         # all −128
-            xq, xd, xs = _activations(rng, nb, extreme=trial % 2 == 0)
-            row = blocks.reshape(-1)
-            a, b = ref(row, xq, xd, xs), wide(row, xq, xd, xs)
-            assert _bits(a) == _bits(b), (name, nb, trial, a, b)
-            checked += a != 0
-    assert checked > 100                     # the rows were not trivially zero
+                blocks = w.reshape(rows, nb, -1)
+                blocks[:, :, q0:] = rng.choice(edges, size=blocks[:, :, q0:].shape)
+            if trial == 2 and t == GGMLType.Q8_0:
+                w.reshape(rows, nb, -1)[:, :, 2:] = 0x80        # all −128
+            xq, xd, xs = _activations(rng, n, nb, extreme=trial % 2 == 0)
+            got, ref = _tiled(name, w, xq, xd, xs), _rowwise(name, w, xq, xd, xs)
+            np.testing.assert_array_equal(_bits(got), _bits(ref), err_msg=f"{name} {nb} {rows} {n}")
+            checked += int(np.count_nonzero(ref))
+    assert checked > 1000                    # the rows were not trivially zero
+
+
+@needs_vnni
+def test_avx512_tiles_cover_exactly_the_asked_rows():
+    rng = np.random.default_rng(6)
+    w = np.stack([random_blocks(rng, GGMLType.Q4_0, 4).reshape(-1) for _ in range(23)])
+    xq, xd, xs = _activations(rng, 5, 4, extreme=False)
+    got = _tiled("q4_0", w, xq, xd, xs, 3, 21)
+    ref = _rowwise("q4_0", w, xq, xd, xs)
+    assert np.isnan(got[:, :3]).all() and np.isnan(got[:, 21:]).all()
+    np.testing.assert_array_equal(_bits(got[:, 3:21]), _bits(ref[:, 3:21]))
 
 
 @needs_vnni
 def test_avx512_odd_tail_changes_result():
     """The last odd block is really accumulated (guards the tail path's wiring)."""
     rng = np.random.default_rng(9)
-    blocks = random_blocks(rng, GGMLType.Q4_0, 3)
-    xq, xd, xs = _activations(rng, 3, extreme=False)
-    row = blocks.reshape(-1)
-    full = avx512.idot_q4_0_avx512(row, xq, xd, xs)
-    two = avx512.idot_q4_0_avx512(row[:36], xq[:64], xd[:2], xs[:2])
-    last = avx2.idot_q4_0_avx2(row[36:], xq[64:], xd[2:], xs[2:])
-    assert full != two
-    assert abs(full - (two + last)) <= 1e-5 * (abs(two) + abs(last))
+    w = np.stack([random_blocks(rng, GGMLType.Q4_0, 3).reshape(-1) for _ in range(4)])
+    xq, xd, xs = _activations(rng, 1, 3, extreme=False)
+    full = _tiled("q4_0", w, xq, xd, xs)
+    two = _tiled("q4_0", np.ascontiguousarray(w[:, :36]), xq[:, :64].copy(), xd[:, :2].copy(),
+                 xs[:, :2].copy())
+    assert (full != two).all()
 
 
-def _fresh_asm(cached, t) -> str:
+def _fresh_asm(cached) -> str:
     """Assembly of a fresh, uncached copy (numba cannot inspect code loaded from its cache)."""
     fn = numba.njit(**{k: v for k, v in cached.targetoptions.items()
                        if k not in ("cache", "nopython")})(cached.py_func)
-    w = random_matrix(np.random.default_rng(0), t, 1, 64)[0]
-    fn(w, np.zeros(64, np.int8), np.ones(2, np.float32), np.zeros(2, np.float32))
+    w = np.zeros((4, 36), np.uint8)
+    xq, xd, xs = np.zeros((1, 64), np.int8), np.ones((1, 2), np.float32), np.zeros((1, 2), np.float32)
+    fn(w, 0, 4, xq, xd, xs, np.zeros((1, 16), np.int32), np.zeros((1, 4), np.float32))
     return "\n".join(fn.inspect_asm().values())
 
 
 @needs_vnni
 @pytest.mark.parametrize("name", list(HOT))
-def test_avx512_dots_use_zmm_vpdpbusd(name):
-    asm = _fresh_asm(getattr(avx512, f"idot_{name}_avx512"), HOT[name])
+def test_avx512_tiles_use_zmm_vpdpbusd(name):
+    asm = _fresh_asm(getattr(avx512, f"rows_{name}_avx512"))
     assert re.search(r"\bvpdpbusd\b[^\n]*%zmm", asm)
     assert re.search(r"\bvfmadd\w*ps\b[^\n]*%zmm", asm)
 
@@ -100,10 +138,8 @@ def test_feature_check_honours_numba_cpu_features(monkeypatch):
     assert not avx2.host_has("avx512vnni")
 
 
-def test_matmul_dispatch_prefers_avx512_then_avx2():
+def test_matmul_dispatch_prefers_avx512_tiles_then_avx2():
+    assert (kernels.idot_rows is kernels._idot_rows_tiled) == avx512.HAVE_AVX512_VNNI
     for name in HOT:
-        chosen = getattr(kernels, f"_idot_{name}")
-        if avx512.HAVE_AVX512_VNNI:
-            assert chosen is getattr(avx512, f"idot_{name}_avx512")
-        elif avx2.HAVE_AVX2:
-            assert chosen is getattr(avx2, f"idot_{name}_avx2")
+        if avx2.HAVE_AVX2:
+            assert getattr(kernels, f"_idot_{name}") is getattr(avx2, f"idot_{name}_avx2")

@@ -184,8 +184,10 @@ def _rows_codegen(kind):
     With ``q = (r1 − r0) // 4``, tile ``a`` takes rows ``r0 + a + i·q`` (i = 0..3): the four
     rows advance through four long sequential runs of memory, which the hardware prefetcher
     follows (four adjacent rows would be four 36-line streams restarted every tile: from DRAM
-    that read ~2× slower than one row at a time). Tokens go in 4-token tiles, then one by one;
-    the last ``(r1 − r0) % 4`` rows in 1-row tiles.
+    that read 8.6 GB/s on one core against 22 in cache; adjacent rows plus a software prefetch
+    of the next tile, one linear stream, measured 19–21 GB/s Q4_0 and 19–25 GB/s Q8_0 against
+    22 and 23–26 strided on one core, 29–33 against 35 on two). Tokens go in 4-token tiles,
+    then one by one; the last ``(r1 − r0) % 4`` rows in 1-row tiles.
     """
     def codegen(context, builder, sig, args):
         w_t, r0_t, r1_t, xq_t, xd_t, xs_t, xn_t, out_t = sig.args

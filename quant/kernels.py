@@ -10,6 +10,7 @@ Everything here is callable from other compiled code, so a whole layer can later
 compiled call::
 
     matmul_kernel(qtype, w, x, out, scratch)   # out[n, rows] = x[n, k] @ W.T  (parallel)
+    matmul_serial(qtype, w, x, out, scratch)   # the same on the calling thread
     get_rows_kernel(qtype, w, ids, out)        # out[i] = dequant(W[ids[i]])
     dot_rows(qtype, w, r0, r1, x, out)         # serial pieces of the above, for fused kernels
     idot_rows(qtype, w, r0, r1, xq, xd, xs, out)
@@ -316,6 +317,49 @@ def schedule_block(n_iter, n_parts, p):
     return cur, cur + (n_iter - cur - 1) // (n_parts - p) + 1
 
 
+@kernel
+def prepare_acts(qtype, x, scratch, t):
+    """Quantize token ``t`` of ``x`` [n, k] into ``scratch``'s tables, as the format's row dots
+    read them (:func:`act_tables` / :func:`act_tables_k`; nothing for the float formats)."""
+    n, k = x.shape
+    if uses_q8_act(qtype):
+        xq, xd, xs, xn = act_tables(scratch, n, k)
+        quantize_act_q8(x[t], xq[t], xd[t], xs[t])
+        fill_xn(qtype, xq[t], xn[t])
+    elif uses_q8k_act(qtype):
+        kq, kd, kb = act_tables_k(scratch, n, k)
+        quantize_act_q8k(x[t], kq[t], kd[t], kb[t])
+
+
+@kernel
+def mul_chunks(qtype, w, c0, c1, x, out, scratch):
+    """``out[t, r]`` for the rows of chunks ``c0 <= c < c1`` (ROW_TILE rows each) and every token,
+    on the calling thread, the activations already prepared (:func:`prepare_acts`).
+
+    Int8-activation formats run the whole run of rows per TOKEN_BLOCK tokens in tiles
+    (:func:`idot_rows`); the others multiply every token with a chunk while its bytes are in L1.
+    """
+    n, k = x.shape
+    rows = w.shape[0]
+    r0, r1 = c0 * ROW_TILE, min(rows, c1 * ROW_TILE)
+    if uses_q8_act(qtype):
+        xq, xd, xs, xn = act_tables(scratch, n, k)
+        for t0 in range(0, n, TOKEN_BLOCK):
+            t1 = min(n, t0 + TOKEN_BLOCK)
+            idot_rows(qtype, w, r0, r1, xq[t0:t1], xd[t0:t1], xs[t0:t1], xn[t0:t1], out[t0:t1])
+        return
+    q8k = uses_q8k_act(qtype)
+    kq, kd, kb = act_tables_k(scratch, n if q8k else 0, k)
+    for c in range(c0, c1):
+        a = c * ROW_TILE
+        b = min(rows, a + ROW_TILE)
+        for t in range(n):
+            if q8k:
+                idot_rows_k(qtype, w, a, b, kq[t], kd[t], kb[t], out[t])
+            else:
+                dot_rows(qtype, w, a, b, x[t], out[t])
+
+
 @parallel_kernel
 def matmul_kernel(qtype, w, x, out, scratch):
     """``out[t, r] = Σ_j x[t, j] · W[r, j]`` for uint8 rows ``w[rows, row_bytes]``.
@@ -324,51 +368,29 @@ def matmul_kernel(qtype, w, x, out, scratch):
     ``act_scratch_bytes(qtype, n, k)`` bytes (unused for float-activation formats). Rows are cut
     into chunks of ROW_TILE and each thread takes the contiguous run of chunks numba's static
     schedule would give it (:func:`schedule_block`; :mod:`numa.plan` places rows by the same
-    rule) in one task, so a thread's weights are one sequential stream. Int8-activation formats
-    run the whole run per TOKEN_BLOCK tokens in tiles (:func:`idot_rows`); the others multiply
-    every token with a chunk while its bytes are in L1.
+    rule) in one task (:func:`mul_chunks`), so a thread's weights are one sequential read.
     """
-    n, k = x.shape
-    rows = w.shape[0]
-    q8 = uses_q8_act(qtype)
-    q8k = uses_q8k_act(qtype)
-    xq, xd, xs, xn = act_tables(scratch, n if q8 else 0, k)
-    kq, kd, kb = act_tables_k(scratch, n if q8k else 0, k)
-    if q8:
-        if n < 4:
-            for t in range(n):
-                quantize_act_q8(x[t], xq[t], xd[t], xs[t])
-                fill_xn(qtype, xq[t], xn[t])
-        else:
-            for t in prange(n):
-                quantize_act_q8(x[t], xq[t], xd[t], xs[t])
-                fill_xn(qtype, xq[t], xn[t])
-    elif q8k:
-        if n < 4:
-            for t in range(n):
-                quantize_act_q8k(x[t], kq[t], kd[t], kb[t])
-        else:
-            for t in prange(n):
-                quantize_act_q8k(x[t], kq[t], kd[t], kb[t])
-    n_chunks = (rows + ROW_TILE - 1) // ROW_TILE
+    n = x.shape[0]
+    if n < 4:
+        for t in range(n):
+            prepare_acts(qtype, x, scratch, t)
+    else:
+        for t in prange(n):
+            prepare_acts(qtype, x, scratch, t)
+    n_chunks = (w.shape[0] + ROW_TILE - 1) // ROW_TILE
     parts = min(num_threads(), n_chunks)
     for p in prange(parts):         # one contiguous run of chunks per thread
         c0, c1 = schedule_block(n_chunks, parts, p)
-        r0, r1 = c0 * ROW_TILE, min(rows, c1 * ROW_TILE)
-        if q8:                      # 4-row × 4-token tiles reuse each load 4 times
-            for t0 in range(0, n, TOKEN_BLOCK):
-                t1 = min(n, t0 + TOKEN_BLOCK)
-                idot_rows(qtype, w, r0, r1, xq[t0:t1], xd[t0:t1], xs[t0:t1], xn[t0:t1],
-                          out[t0:t1])
-            continue
-        for c in range(c0, c1):     # ROW_TILE rows' bytes stay in L1 across the tokens
-            a = c * ROW_TILE
-            b = min(rows, a + ROW_TILE)
-            for t in range(n):
-                if q8k:
-                    idot_rows_k(qtype, w, a, b, kq[t], kd[t], kb[t], out[t])
-                else:
-                    dot_rows(qtype, w, a, b, x[t], out[t])
+        mul_chunks(qtype, w, c0, c1, x, out, scratch)
+
+
+@kernel
+def matmul_serial(qtype, w, x, out, scratch):
+    """:func:`matmul_kernel` on the calling thread only (same results), for callers that are
+    parallel over something else (e.g. one attention head per thread)."""
+    for t in range(x.shape[0]):
+        prepare_acts(qtype, x, scratch, t)
+    mul_chunks(qtype, w, 0, (w.shape[0] + ROW_TILE - 1) // ROW_TILE, x, out, scratch)
 
 
 @kernel

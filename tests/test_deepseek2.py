@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpuinfer.gguf import open_gguf
+from cpuinfer.gguf import GGMLType, open_gguf
 from cpuinfer.moe import Gating
 from deepseek_helpers import kl_top1, load_family, reference_deepseek, run_logits, write_deepseek
 
@@ -129,3 +129,22 @@ def test_yarn_matters(tmp_path):
     write_deepseek(plain, seed=3, yarn_factor=1.0)
     assert np.abs(got - ref).max() <= 1e-2
     assert np.abs(run_logits(load_family(plain), ids) - got).max() > 1e-1
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.F16])
+def test_per_head_matvec_equals_per_head_matmul(qtype):
+    """The one-token path (parallel over heads, each head serial) gives the bits of the batched
+    path (heads in turn, each a parallel mat-mul)."""
+    from cpuinfer.models.deepseek2 import _per_head_matmul, _per_head_matvec
+    from cpuinfer.weights import matmul_scratch
+    from quant_helpers import random_matrix
+    rng = np.random.default_rng(3)
+    nh, rows, cols = 6, 40, 64
+    w = np.stack([random_matrix(rng, qtype, rows, cols) for _ in range(nh)])
+    src = rng.standard_normal((1, nh, cols + 16)).astype(np.float32)[:, :, :cols]   # strided view
+    want, got = np.zeros((1, nh, rows), np.float32), np.zeros((1, nh, rows + 8), np.float32)
+    xbuf, ybuf = np.zeros(nh * cols, np.float32), np.zeros(nh * rows, np.float32)
+    _per_head_matmul(int(qtype), w, src, want, xbuf, ybuf, matmul_scratch(1, cols))
+    _per_head_matvec(int(qtype), w, src, got[:, :, :rows], xbuf, ybuf, matmul_scratch(nh, cols))
+    np.testing.assert_array_equal(got[:, :, :rows], want)
+    assert np.abs(want).max() > 0

@@ -30,9 +30,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numba import prange
 
 from quant import kernels as qk
-from quant.jit import kernel
+from quant.jit import kernel, parallel_kernel
 
 from .. import ops
 from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
@@ -288,9 +289,11 @@ class State:
         self.q_mqa = np.zeros((n_batch, nh, c.kv_width), f32)    # absorbed query ‖ rotated q_pe
         self.o_lat = np.zeros((n_batch, nh, c.kv_lora), f32)     # attention output in latent space
         self.att = np.zeros((n_batch, nh * c.v_dim), f32)
-        # one head's gathered input / output rows (flat, reshaped per use so they stay contiguous)
-        self.hbuf_in = np.zeros(n_batch * max(c.nope, c.kv_lora), f32)
-        self.hbuf_out = np.zeros(n_batch * max(c.kv_lora, c.v_dim), f32)
+        # one head's gathered input / output rows (flat, reshaped per use so they stay contiguous),
+        # or for one token every head's, with per-head quantized activations
+        self.hbuf_in = np.zeros(max(n_batch, nh) * max(c.nope, c.kv_lora), f32)
+        self.hbuf_out = np.zeros(max(n_batch, nh) * max(c.kv_lora, c.v_dim), f32)
+        self.head_scratch = matmul_scratch(nh, max(c.nope, c.kv_lora))
         self.gate = np.zeros(n_batch * ff, f32)                   # dense / shared FFN (flat)
         self.up = np.zeros(n_batch * ff, f32)
         self.logits = np.zeros((1, c.n_vocab), f32)
@@ -335,6 +338,33 @@ def _per_head_matmul(qtype, w, src, dst, xbuf, ybuf, scratch):
                 dst[t, h, i] = ys[t, i]
 
 
+@parallel_kernel
+def _per_head_matvec(qtype, w, src, dst, xbuf, ybuf, scratch):
+    """One token's :func:`_per_head_matmul` (same results), parallel over heads: one head's
+    mat-vec (a few tens of KB) is too small to split over threads, and 128 heads × 2 per layer
+    would each pay a parallel region. ``xbuf``/``ybuf``/``scratch`` hold one slice per head."""
+    n_head, cols = src.shape[1], src.shape[2]
+    rows = dst.shape[2]
+    per = qk.act_scratch_bytes(qtype, 1, cols)
+    for h in prange(n_head):
+        xs = xbuf[h * cols:(h + 1) * cols].reshape((1, cols))
+        ys = ybuf[h * rows:(h + 1) * rows].reshape((1, rows))
+        for i in range(cols):
+            xs[0, i] = src[0, h, i]
+        qk.matmul_serial(qtype, w[h], xs, ys, scratch[h * per:(h + 1) * per])
+        for i in range(rows):
+            dst[0, h, i] = ys[0, i]
+
+
+def _heads_matmul(s: "State", t: QTensor, src, dst) -> None:
+    """``dst[:, h] = W[h] · src[:, h]`` for every head: per head over threads for one token, else
+    per head one parallel mat-mul over its tokens."""
+    if src.shape[0] == 1:
+        _per_head_matvec(int(t.ggml_type), t.raw, src, dst, s.hbuf_in, s.hbuf_out, s.head_scratch)
+    else:
+        _per_head_matmul(int(t.ggml_type), t.raw, src, dst, s.hbuf_in, s.hbuf_out, s.scratch)
+
+
 def _dense_ffn(f: Ffn, xb, out, gate, up, scratch) -> None:
     f.gate.matmul(xb, gate, scratch)
     f.up.matmul(xb, up, scratch)
@@ -371,12 +401,10 @@ def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: i
         # query: absorbed no-rope part ‖ rotated rope part
         q3 = q.reshape(n, nh, hk)
         ops.rope(q3[:, :, c.nope:], cos, sin, p0, c.rope_type)
-        _per_head_matmul(int(L.wk_b.ggml_type), L.wk_b.raw, q3[:, :, :c.nope], q_mqa[:, :, :L_],
-                         s.hbuf_in, s.hbuf_out, s.scratch)
+        _heads_matmul(s, L.wk_b, q3[:, :, :c.nope], q_mqa[:, :, :L_])      # [n, nh, L]
         q_mqa[:, :, L_:] = q3[:, :, c.nope:]
         ops.attention(q_mqa, kc, kc[:, :, :L_], p0, kq_scale, kv.scores, kv.qh, o_lat)  # MQA, V = latent
-        _per_head_matmul(int(L.wv_b.ggml_type), L.wv_b.raw, o_lat, att.reshape(n, nh, c.v_dim),
-                         s.hbuf_in, s.hbuf_out, s.scratch)
+        _heads_matmul(s, L.wv_b, o_lat, att.reshape(n, nh, c.v_dim))      # [n, nh, v_dim]
         L.wo.matmul(att, xo, s.scratch)
         x += xo
         ops.rmsnorm(x, L.ffn_norm, c.rms_eps, xb)

@@ -44,16 +44,22 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .avx2 import (_F32, _I8, _I16, _I32, _LAYOUT, _Q4_0, _Q4_1, _Q8_0, _fn, _load, block_step,
-                   finish_row, host_has)
+from .avx2 import _F32, _I8, _I16, _I32, _I64, _Q4_0, _Q4_1, _Q8_0, _fn, _load, finish_row, host_has
+from .avx2 import _LAYOUT as _AVX2_LAYOUT
 from .jit import kernel
 
 HAVE_AVX512_VNNI = host_has("avx512f", "avx512bw", "avx512vl", "avx512vnni")
 """Whether the compile target can run this module's kernels."""
 
-OFFSET_Q8_0, OFFSET_Q4_0 = 128, 8
-"""The ``c`` of :func:`neg_group_sums` that the Q8_0 and Q4_0 tiles read (Q4_1 reads no ``xn``)."""
-_OFFSET = {_Q8_0: OFFSET_Q8_0, _Q4_0: OFFSET_Q4_0, _Q4_1: 0}
+_Q5_0, _Q5_1 = "q5_0", "q5_1"
+_LAYOUT = {**_AVX2_LAYOUT, _Q5_0: (22, 6), _Q5_1: (24, 8)}   # kind -> (block bytes, qs offset)
+_QH_OFFSET = {_Q5_0: 2, _Q5_1: 4}       # Q5: byte offset of the uint32 of high bits
+_HAS_MIN = (_Q4_1, _Q5_1)               # x = d·q + m: the m·xs term
+
+OFFSET_Q8_0, OFFSET_Q4_0, OFFSET_Q5_0 = 128, 8, 16
+"""The ``c`` of :func:`neg_group_sums` that the Q8_0, Q4_0 and Q5_0 tiles read (Q4_1 and Q5_1
+read no ``xn``)."""
+_OFFSET = {_Q8_0: OFFSET_Q8_0, _Q4_0: OFFSET_Q4_0, _Q5_0: OFFSET_Q5_0, _Q4_1: 0, _Q5_1: 0}
 
 TILE_ROWS, TILE_TOKENS = 4, 4
 """The large tile; leftover rows and tokens run in 1-row / 1-token tiles."""
@@ -76,39 +82,66 @@ def _typed_ptr(builder, base, offset, ty):
 
 
 def _half_pair(builder, w_ptr, off0, off1):
-    """float32 × 2 from the f16 values at byte offsets ``off0``, ``off1`` of ``w_ptr``."""
-    d = ir.Constant(_V2I16, ir.Undefined)
+    """float32 × 2 from the f16 values at byte offsets ``off0``, ``off1`` of ``w_ptr`` (``off1``
+    None: the second value is 0)."""
+    d = ir.Constant(_V2I16, [0, 0])
     d = builder.insert_element(d, _load(builder, w_ptr, off0, _I16), ir.Constant(_I32, 0))
-    d = builder.insert_element(d, _load(builder, w_ptr, off1, _I16), ir.Constant(_I32, 1))
+    if off1 is not None:
+        d = builder.insert_element(d, _load(builder, w_ptr, off1, _I16), ir.Constant(_I32, 1))
     return builder.fpext(builder.bitcast(d, ir.VectorType(ir.HalfType(), 2)), _V2F32)
 
 
-def _unpack_pair(builder, kind, w_ptr, j):
-    """(q, d, m) of weight blocks 2j, 2j+1: q as 64 unsigned bytes (layout above), d and Q4_1's
-    m as float32 × 2 (m None otherwise)."""
+def _load_two(builder, base, offset, half_type, single):
+    """Two consecutive ``half_type`` vectors at ``base + offset`` as one vector of twice the
+    width; ``single``: only the first is loaded and the second half is zeros."""
+    lo = _load(builder, base, offset, half_type)
+    if not single:
+        return _load(builder, base, offset, ir.VectorType(half_type.element, 2 * half_type.count))
+    return builder.shuffle_vector(lo, ir.Constant(half_type, [0] * half_type.count),
+                                  _mask(range(2 * half_type.count)))
+
+
+def _unpack_pair(builder, kind, w_ptr, j, single=False):
+    """(q, d, m) of weight blocks 2j, 2j+1: q as 64 unsigned bytes (layout above), d and the
+    Q4_1/Q5_1 min m as float32 × 2 (m None for the other formats). ``single``: block 2j only,
+    the second block's bytes and scales read as zeros (an odd row's last block)."""
     intp = j.type
     block_bytes, q_offset = _LAYOUT[kind]
     w0 = builder.mul(j, ir.Constant(intp, 2 * block_bytes))
-    w1 = builder.add(w0, ir.Constant(intp, block_bytes))
-    q0_at = builder.add(w0, ir.Constant(intp, q_offset))
-    q1_at = builder.add(w1, ir.Constant(intp, q_offset))
+    w1 = None if single else builder.add(w0, ir.Constant(intp, block_bytes))
+
+    def both(offset, vtype):
+        first = _load(builder, w_ptr, builder.add(w0, ir.Constant(intp, offset)), vtype)
+        zero = ir.Constant(vtype, [0] * vtype.count if isinstance(vtype, ir.VectorType) else 0)
+        second = (zero if single else
+                  _load(builder, w_ptr, builder.add(w1, ir.Constant(intp, offset)), vtype))
+        return first, second
+
     if kind == _Q8_0:
-        w = builder.shuffle_vector(_load(builder, w_ptr, q0_at, _V32I8),
-                                   _load(builder, w_ptr, q1_at, _V32I8), _mask(range(64)))
-        q = builder.xor(w, ir.Constant(_V64I8, [0x80] * 64))
+        q0, q1 = both(q_offset, _V32I8)
+        flip = ir.Constant(_V32I8, [0x80] * 32)
+        q1 = q1 if single else builder.xor(q1, flip)
+        q = builder.shuffle_vector(builder.xor(q0, flip), q1, _mask(range(64)))
     else:
-        twice = builder.shuffle_vector(_load(builder, w_ptr, q0_at, _V16I8),
-                                       _load(builder, w_ptr, q1_at, _V16I8),
-                                       _mask(list(range(16)) * 2 + list(range(16, 32)) * 2))
+        p0, p1 = both(q_offset, _V16I8)
+        twice = builder.shuffle_vector(p0, p1, _mask(list(range(16)) * 2 + list(range(16, 32)) * 2))
         v32i16 = ir.VectorType(_I16, 32)
         shifted = builder.lshr(builder.bitcast(twice, v32i16),
                                ir.Constant(v32i16, ([0] * 8 + [4] * 8) * 2))
         q = builder.and_(builder.bitcast(shifted, _V64I8), ir.Constant(_V64I8, [0x0F] * 64))
+        if kind in _QH_OFFSET:              # bit b of qh (2j ‖ 2j+1) is bit 4 of byte b
+            h0, h1 = both(_QH_OFFSET[kind], _I32)
+            qh = builder.or_(builder.zext(h0, _I64),
+                             builder.shl(builder.zext(h1, _I64), ir.Constant(_I64, 32)))
+            high = builder.select(builder.bitcast(qh, ir.VectorType(ir.IntType(1), 64)),
+                                  ir.Constant(_V64I8, [0x10] * 64), ir.Constant(_V64I8, [0] * 64))
+            q = builder.or_(q, high)
     d = _half_pair(builder, w_ptr, w0, w1)
     m = None
-    if kind == _Q4_1:
+    if kind in _HAS_MIN:
         two = ir.Constant(intp, 2)
-        m = _half_pair(builder, w_ptr, builder.add(w0, two), builder.add(w1, two))
+        m = _half_pair(builder, w_ptr, builder.add(w0, two),
+                       None if single else builder.add(w1, two))
     return builder.bitcast(q, _V16I32), d, m
 
 
@@ -118,61 +151,65 @@ class _Token:
     def __init__(self, builder, arrays, t):
         xq, xd, xs, xn = ((a.data, cgutils.unpack_tuple(builder, a.strides, 2)[0]) for a in arrays)
         self.x = _byte_ptr(builder, xq[0], builder.mul(t, xq[1]))
-        self.xd = _typed_ptr(builder, xd[0], builder.mul(t, xd[1]), _F32)
-        self.xs = _typed_ptr(builder, xs[0], builder.mul(t, xs[1]), _F32)
+        self.xd = _byte_ptr(builder, xd[0], builder.mul(t, xd[1]))
+        self.xs = _byte_ptr(builder, xs[0], builder.mul(t, xs[1]))
         self.xn = _byte_ptr(builder, xn[0], builder.mul(t, xn[1]))
+
+
+def _step(builder, kind, w_rows, toks, j, accs, extras, single=False):
+    """Accumulate weight blocks 2j, 2j+1 (``single``: block 2j only) of every row into every
+    token's accumulators ``accs[i][t]`` (16 × float32) and ``extras[i][t]`` (2 × float32)."""
+    intp = j.type
+    dpbusd = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32, _V16I32, _V16I32])
+    fma = _fn(builder, "llvm.fma.v16f32", _V16F32, [_V16F32, _V16F32, _V16F32])
+    b0 = builder.mul(j, ir.Constant(intp, 2))
+    at64 = builder.mul(j, ir.Constant(intp, 64))
+    weights = [_unpack_pair(builder, kind, w_ptr, j, single) for w_ptr in w_rows]
+    for t, tok in enumerate(toks):
+        y = builder.bitcast(_load_two(builder, tok.x, at64, _V32I8, single), _V16I32)
+        base = ir.Constant(_V16I32, [0] * 16)
+        if _OFFSET[kind]:
+            base = _load_two(builder, tok.xn, at64, ir.VectorType(_I32, 8), single)
+        f4 = builder.mul(b0, ir.Constant(intp, 4))
+        xd2 = _load_two(builder, tok.xd, f4, ir.VectorType(_F32, 1), single)
+        xs2 = None
+        if kind in _HAS_MIN:
+            xs2 = _load_two(builder, tok.xs, f4, ir.VectorType(_F32, 1), single)
+        for i, (q, d, m) in enumerate(weights):
+            p = builder.call(dpbusd, [base, q, y])
+            s2 = builder.fmul(d, xd2)
+            scale = builder.shuffle_vector(s2, s2, _mask([0] * 8 + [1] * 8))
+            acc = accs[i][t]
+            builder.store(builder.call(fma, [builder.sitofp(p, _V16F32), scale,
+                                             builder.load(acc)]), acc)
+            if xs2 is not None:
+                extra = extras[i][t]
+                builder.store(builder.fadd(builder.load(extra), builder.fmul(m, xs2)), extra)
 
 
 def _emit_tile(builder, kind, w_rows, toks, nb):
     """Emit the pair loop and odd tail of one ``len(w_rows)`` × ``len(toks)`` tile; returns the
     results as ``results[i][t]`` (float32 values)."""
     intp = nb.type
-    dpbusd = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32, _V16I32, _V16I32])
-    fma = _fn(builder, "llvm.fma.v16f32", _V16F32, [_V16F32, _V16F32, _V16F32])
-    zero16 = ir.Constant(_V16I32, [0] * 16)
     accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16)) for _ in toks]
             for _ in w_rows]
     extras = [[cgutils.alloca_once_value(builder, ir.Constant(_V2F32, [0.0] * 2)) for _ in toks]
               for _ in w_rows]
     pairs = builder.udiv(nb, ir.Constant(intp, 2))
     with cgutils.for_range(builder, pairs) as loop:
-        j = loop.index
-        b0 = builder.mul(j, ir.Constant(intp, 2))
-        weights = [_unpack_pair(builder, kind, w_ptr, j) for w_ptr in w_rows]
-        for t, tok in enumerate(toks):
-            y = _load(builder, tok.x, builder.mul(j, ir.Constant(intp, 64)), _V16I32)
-            base = zero16
-            if _OFFSET[kind]:
-                base = _load(builder, tok.xn, builder.mul(j, ir.Constant(intp, 64)), _V16I32)
-            xd2 = builder.load(builder.bitcast(builder.gep(tok.xd, [b0]), _V2F32.as_pointer()),
-                               align=4)
-            xs2 = None
-            if kind == _Q4_1:
-                xs2 = builder.load(builder.bitcast(builder.gep(tok.xs, [b0]),
-                                                   _V2F32.as_pointer()), align=4)
-            for i, (q, d, m) in enumerate(weights):
-                p = builder.call(dpbusd, [base, q, y])
-                s2 = builder.fmul(d, xd2)
-                scale = builder.shuffle_vector(s2, s2, _mask([0] * 8 + [1] * 8))
-                acc = accs[i][t]
-                builder.store(builder.call(fma, [builder.sitofp(p, _V16F32), scale,
-                                                 builder.load(acc)]), acc)
-                if xs2 is not None:
-                    extra = extras[i][t]
-                    builder.store(builder.fadd(builder.load(extra), builder.fmul(m, xs2)), extra)
-    results = []
+        _step(builder, kind, w_rows, toks, loop.index, accs, extras)
     odd = builder.icmp_unsigned("!=", builder.mul(pairs, ir.Constant(intp, 2)), nb)
-    for i, w_ptr in enumerate(w_rows):
+    with builder.if_then(odd):              # the last odd block joins the even chain (lanes 0..7)
+        _step(builder, kind, w_rows, toks, pairs, accs, extras, single=True)
+    results = []
+    for i in range(len(w_rows)):
         row = []
-        for t, tok in enumerate(toks):
+        for t in range(len(toks)):
             acc, extra = builder.load(accs[i][t]), builder.load(extras[i][t])
             halves = [cgutils.alloca_once_value(builder, builder.shuffle_vector(
                 acc, acc, _mask(range(8 * h, 8 * h + 8)))) for h in range(2)]
             parts = [cgutils.alloca_once_value(builder, builder.extract_element(
                 extra, ir.Constant(_I32, h))) for h in range(2)]
-            with builder.if_then(odd):      # the AVX2 kernel adds a last odd block to chain 0
-                block_step(builder, kind, (w_ptr, tok.x, tok.xd, tok.xs, nb),
-                           builder.sub(nb, ir.Constant(intp, 1)), halves[0], parts[0])
             row.append(finish_row(builder, halves, parts))
         results.append(row)
     return results
@@ -263,6 +300,18 @@ def _rows_q4_1(typingctx, w, r0, r1, xq, xd, xs, xn, out):
         return types.void(w, r0, r1, xq, xd, xs, xn, out), _rows_codegen(_Q4_1)
 
 
+@intrinsic
+def _rows_q5_0(typingctx, w, r0, r1, xq, xd, xs, xn, out):
+    if _check_rows_sig(w, r0, r1, xq, xd, xs, xn, out):
+        return types.void(w, r0, r1, xq, xd, xs, xn, out), _rows_codegen(_Q5_0)
+
+
+@intrinsic
+def _rows_q5_1(typingctx, w, r0, r1, xq, xd, xs, xn, out):
+    if _check_rows_sig(w, r0, r1, xq, xd, xs, xn, out):
+        return types.void(w, r0, r1, xq, xd, xs, xn, out), _rows_codegen(_Q5_1)
+
+
 @kernel
 def rows_q8_0_avx512(w, r0, r1, xq, xd, xs, xn, out):
     """``out[t, r] = W[r] · x_t`` (Q8_0 rows ``r0..r1`` of ``w``, every token of the 2-D int8
@@ -281,6 +330,18 @@ def rows_q4_0_avx512(w, r0, r1, xq, xd, xs, xn, out):
 def rows_q4_1_avx512(w, r0, r1, xq, xd, xs, xn, out):
     """As :func:`rows_q8_0_avx512` for Q4_1 (``xn`` unused)."""
     _rows_q4_1(w, r0, r1, xq, xd, xs, xn, out)
+
+
+@kernel
+def rows_q5_0_avx512(w, r0, r1, xq, xd, xs, xn, out):
+    """As :func:`rows_q8_0_avx512` for Q5_0 (``xn`` from ``neg_group_sums(xq, 16, xn)``)."""
+    _rows_q5_0(w, r0, r1, xq, xd, xs, xn, out)
+
+
+@kernel
+def rows_q5_1_avx512(w, r0, r1, xq, xd, xs, xn, out):
+    """As :func:`rows_q8_0_avx512` for Q5_1 (``xn`` unused)."""
+    _rows_q5_1(w, r0, r1, xq, xd, xs, xn, out)
 
 
 @kernel

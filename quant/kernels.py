@@ -181,16 +181,19 @@ def _idot_rows_rowwise(qtype, w, r0, r1, xq, xd, xs, xn, out):
 
 @kernel
 def _idot_rows_tiled(qtype, w, r0, r1, xq, xd, xs, xn, out):
-    """As :func:`_idot_rows_rowwise` (same bits), Q8_0/Q4_0/Q4_1 in AVX-512 VNNI tiles
-    (``xn`` filled by :func:`fill_xn`)."""
+    """As :func:`_idot_rows_rowwise`, in AVX-512 VNNI tiles (``xn`` filled by :func:`fill_xn`):
+    Q8_0/Q4_0/Q4_1 give the same bits as the AVX2 row dots, Q5_0/Q5_1 (portable row dots there)
+    the same sums in the AVX2 kernels' float order."""
     if qtype == _Q8_0:
         avx512.rows_q8_0_avx512(w, r0, r1, xq, xd, xs, xn, out)
     elif qtype == _Q4_0:
         avx512.rows_q4_0_avx512(w, r0, r1, xq, xd, xs, xn, out)
     elif qtype == _Q4_1:
         avx512.rows_q4_1_avx512(w, r0, r1, xq, xd, xs, xn, out)
-    else:
-        _idot_rows_rowwise(qtype, w, r0, r1, xq, xd, xs, xn, out)
+    elif qtype == _Q5_0:
+        avx512.rows_q5_0_avx512(w, r0, r1, xq, xd, xs, xn, out)
+    elif qtype == _Q5_1:
+        avx512.rows_q5_1_avx512(w, r0, r1, xq, xd, xs, xn, out)
 
 
 idot_rows = _idot_rows_tiled if HAVE_TILES else _idot_rows_rowwise
@@ -207,6 +210,8 @@ def fill_xn(qtype, xq, xn):
             avx512.neg_group_sums(xq, avx512.OFFSET_Q8_0, xn)
         elif qtype == _Q4_0:
             avx512.neg_group_sums(xq, avx512.OFFSET_Q4_0, xn)
+        elif qtype == _Q5_0:
+            avx512.neg_group_sums(xq, avx512.OFFSET_Q5_0, xn)
 
 
 @kernel

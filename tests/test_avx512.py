@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cpuinfer.gguf import GGMLType
-from quant import avx2, avx512, kernels
+from quant import avx2, avx512, kernels, legacy
 from quant_helpers import random_blocks
 
 HOT = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_1": GGMLType.Q4_1}
@@ -143,3 +143,34 @@ def test_matmul_dispatch_prefers_avx512_tiles_then_avx2():
     for name in HOT:
         if avx2.HAVE_AVX2:
             assert getattr(kernels, f"_idot_{name}") is getattr(avx2, f"idot_{name}_avx2")
+
+
+Q5 = {"q5_0": (GGMLType.Q5_0, avx512.OFFSET_Q5_0), "q5_1": (GGMLType.Q5_1, 0)}
+
+
+@needs_vnni
+@pytest.mark.parametrize("name", list(Q5))
+def test_avx512_q5_tiles_match_portable_dots(name):
+    """Q5_0/Q5_1 have no AVX2 row dot: the tiles equal the portable integer dot up to float
+    order, and every tile shape gives the same bits for the same row and token."""
+    t, c = Q5[name]
+    rng = np.random.default_rng(8)
+    portable = getattr(legacy, f"_idot_{name}")
+    for nb, rows, n in ((1, 1, 1), (3, 5, 7), (6, 8, 5), (33, 9, 4), (128, 6, 2)):
+        w = np.stack([random_blocks(rng, t, nb).reshape(-1) for _ in range(rows)])
+        xq, xd, xs = _activations(rng, n, nb, extreme=False)
+        xn = np.zeros((n, nb * 8), np.int32)
+        for s_ in range(n):
+            avx512.neg_group_sums(xq[s_], c, xn[s_])
+        out = np.full((n, rows), np.nan, np.float32)
+        getattr(avx512, f"rows_{name}_avx512")(w, 0, rows, xq, xd, xs, xn, out)
+        ref = np.array([[portable(w[r], xq[s_], xd[s_], xs[s_]) for r in range(rows)]
+                        for s_ in range(n)], np.float32)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        one = np.full((n, rows), np.nan, np.float32)     # 1-row × 1-token tiles only
+        for r in range(rows):
+            for s_ in range(n):
+                getattr(avx512, f"rows_{name}_avx512")(w, r, r + 1, xq[s_:s_ + 1], xd[s_:s_ + 1],
+                                                       xs[s_:s_ + 1], xn[s_:s_ + 1],
+                                                       one[s_:s_ + 1])
+        np.testing.assert_array_equal(_bits(out), _bits(one))

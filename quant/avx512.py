@@ -216,7 +216,15 @@ def _emit_tile(builder, kind, w_rows, toks, nb):
 
 
 def _rows_codegen(kind):
-    """``out[t, r] = W[r] · x_t`` for rows ``r0 <= r < r1`` and every token ``t`` of ``xq``.
+    return rows_codegen(lambda builder, w_rows, toks, nb: _emit_tile(builder, kind, w_rows, toks, nb),
+                        _Token, TILE_ROWS, TILE_TOKENS)
+
+
+def rows_codegen(emit_tile, make_token, tile_rows, tile_tokens):
+    """Codegen of ``(w, r0, r1, *tables, out)``: ``out[t, r] = W[r] · x_t`` for rows
+    ``r0 <= r < r1`` and every token ``t`` of the 2-D activation ``tables`` (the second one is
+    ``[n, blocks]``); ``emit_tile(builder, w_rows, toks, nb)`` emits one tile and returns its
+    results ``[i][t]``, ``make_token(builder, tables, t)`` makes a tile's token.
 
     With ``q = (r1 − r0) // 4``, tile ``a`` takes rows ``r0 + a + i·q`` (i = 0..3): the four
     rows advance through four long sequential runs of memory, which the hardware prefetcher
@@ -227,11 +235,11 @@ def _rows_codegen(kind):
     then one by one; the last ``(r1 − r0) % 4`` rows in 1-row tiles.
     """
     def codegen(context, builder, sig, args):
-        w_t, r0_t, r1_t, xq_t, xd_t, xs_t, xn_t, out_t = sig.args
+        w_t, r0_t, r1_t, out_t = sig.args[0], sig.args[1], sig.args[2], sig.args[-1]
         w = context.make_array(w_t)(context, builder, args[0])
         arrays = [context.make_array(ty)(context, builder, a)
-                  for ty, a in zip((xq_t, xd_t, xs_t, xn_t), args[3:7])]
-        out = context.make_array(out_t)(context, builder, args[7])
+                  for ty, a in zip(sig.args[3:-1], args[3:-1])]
+        out = context.make_array(out_t)(context, builder, args[-1])
         n, nb = cgutils.unpack_tuple(builder, arrays[1].shape, 2)
         intp = nb.type
         r0 = context.cast(builder, args[1], r0_t, types.intp)
@@ -244,28 +252,28 @@ def _rows_codegen(kind):
 
         def run(rows, t, n_toks):
             w_rows = [_byte_ptr(builder, w.data, builder.mul(r, w_stride)) for r in rows]
-            toks = [_Token(builder, arrays, builder.add(t, c(s))) for s in range(n_toks)]
-            res = _emit_tile(builder, kind, w_rows, toks, nb)
+            toks = [make_token(builder, arrays, builder.add(t, c(s))) for s in range(n_toks)]
+            res = emit_tile(builder, w_rows, toks, nb)
             for i, r in enumerate(rows):
                 for s in range(n_toks):
                     at = builder.add(builder.mul(builder.add(t, c(s)), o_stride),
                                      builder.mul(r, c(4)))
                     builder.store(res[i][s], _typed_ptr(builder, out.data, at, _F32))
 
-        full_t = builder.udiv(n, c(TILE_TOKENS))
-        t_end = builder.mul(full_t, c(TILE_TOKENS))
+        full_t = builder.udiv(n, c(tile_tokens))
+        t_end = builder.mul(full_t, c(tile_tokens))
 
         def over_tokens(rows):
             with cgutils.for_range(builder, full_t) as lt:
-                run(rows, builder.mul(lt.index, c(TILE_TOKENS)), TILE_TOKENS)
+                run(rows, builder.mul(lt.index, c(tile_tokens)), tile_tokens)
             with cgutils.for_range(builder, builder.sub(n, t_end)) as lt:
                 run(rows, builder.add(t_end, lt.index), 1)
 
-        q = builder.udiv(builder.sub(r1, r0), c(TILE_ROWS))
+        q = builder.udiv(builder.sub(r1, r0), c(tile_rows))
         with cgutils.for_range(builder, q) as lr:
             first = builder.add(r0, lr.index)
-            over_tokens([builder.add(first, builder.mul(q, c(i))) for i in range(TILE_ROWS)])
-        r_end = builder.add(r0, builder.mul(q, c(TILE_ROWS)))
+            over_tokens([builder.add(first, builder.mul(q, c(i))) for i in range(tile_rows)])
+        r_end = builder.add(r0, builder.mul(q, c(tile_rows)))
         with cgutils.for_range(builder, builder.sub(r1, r_end)) as lr:
             over_tokens([builder.add(r_end, lr.index)])
         return context.get_dummy_value()

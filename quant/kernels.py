@@ -49,7 +49,7 @@ from numba import prange
 
 from cpuinfer.gguf import GGMLType
 
-from . import avx2, avx512, floats, kquants, legacy
+from . import avx2, avx512, avx512_kquants, floats, kquants, legacy
 from .jit import kernel, num_threads, parallel_kernel
 from .kquants import QK_K, quantize_act_q8k
 from .legacy import QK, quantize_act_q8
@@ -202,6 +202,31 @@ idot_rows = _idot_rows_tiled if HAVE_TILES else _idot_rows_rowwise
 
 
 @kernel
+def _krows_tiled(qtype, w, r0, r1, xq, xd, xb, out):
+    """``out[t, r] = W[r] · x_t`` in AVX-512 VNNI tiles for Q2_K/Q3_K/Q5_K (:func:`has_ktile`)."""
+    if qtype == _Q2_K:
+        avx512_kquants.rows_q2_k_avx512(w, r0, r1, xq, xd, xb, out)
+    elif qtype == _Q3_K:
+        avx512_kquants.rows_q3_k_avx512(w, r0, r1, xq, xd, xb, out)
+    elif qtype == _Q5_K:
+        avx512_kquants.rows_q5_k_avx512(w, r0, r1, xq, xd, xb, out)
+
+
+@kernel
+def _krows_none(qtype, w, r0, r1, xq, xd, xb, out):
+    """Stand-in where the CPU has no VNNI (:func:`has_ktile` is then always False)."""
+
+
+krows_tiled = _krows_tiled if HAVE_TILES else _krows_none
+
+
+@kernel
+def has_ktile(qtype):
+    """Whether :data:`krows_tiled` runs this K-quant (the others use their row dots)."""
+    return HAVE_TILES and (qtype == _Q2_K or qtype == _Q3_K or qtype == _Q5_K)
+
+
+@kernel
 def fill_xn(qtype, xq, xn):
     """The tiles' per-token ``xn`` table (:func:`quant.avx512.neg_group_sums`) where the chosen
     kernels read it; nothing otherwise."""
@@ -341,8 +366,9 @@ def mul_chunks(qtype, w, c0, c1, x, out, scratch):
     """``out[t, r]`` for the rows of chunks ``c0 <= c < c1`` (ROW_TILE rows each) and every token,
     on the calling thread, the activations already prepared (:func:`prepare_acts`).
 
-    Int8-activation formats run the whole run of rows per TOKEN_BLOCK tokens in tiles
-    (:func:`idot_rows`); the others multiply every token with a chunk while its bytes are in L1.
+    Int8-activation formats (and, with VNNI, Q2_K/Q3_K/Q5_K) run the whole run of rows per
+    TOKEN_BLOCK tokens in tiles (:func:`idot_rows`, :data:`krows_tiled`); the others multiply
+    every token with a chunk while its bytes are in L1.
     """
     n, k = x.shape
     rows = w.shape[0]
@@ -355,6 +381,11 @@ def mul_chunks(qtype, w, c0, c1, x, out, scratch):
         return
     q8k = uses_q8k_act(qtype)
     kq, kd, kb = act_tables_k(scratch, n if q8k else 0, k)
+    if q8k and has_ktile(qtype):
+        for t0 in range(0, n, TOKEN_BLOCK):
+            t1 = min(n, t0 + TOKEN_BLOCK)
+            krows_tiled(qtype, w, r0, r1, kq[t0:t1], kd[t0:t1], kb[t0:t1], out[t0:t1])
+        return
     for c in range(c0, c1):
         a = c * ROW_TILE
         b = min(rows, a + ROW_TILE)

@@ -174,3 +174,50 @@ def test_avx512_q5_tiles_match_portable_dots(name):
                                                        xs[s_:s_ + 1], xn[s_:s_ + 1],
                                                        one[s_:s_ + 1])
         np.testing.assert_array_equal(_bits(out), _bits(one))
+
+
+KQ = {"q2_k": GGMLType.Q2_K, "q3_k": GGMLType.Q3_K, "q5_k": GGMLType.Q5_K}
+
+
+@needs_vnni
+@pytest.mark.parametrize("name", list(KQ))
+def test_avx512_kquant_tiles_match_portable_dots(name):
+    """Q2_K/Q3_K/Q5_K tiles: the portable integer dot up to float order, and the 4-row tiles
+    give the bits of 1-row tiles."""
+    from quant import avx512_kquants, kquants
+    t = KQ[name]
+    rng = np.random.default_rng(11)
+    tiled = getattr(avx512_kquants, f"rows_{name}_avx512")
+    portable = getattr(kquants, f"_idot_{name}")
+    for nb, rows, n in ((1, 1, 1), (2, 5, 3), (3, 9, 2), (16, 8, 1)):
+        k = nb * 256
+        w = np.stack([random_blocks(rng, t, nb).reshape(-1) for _ in range(rows)])
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        xq, xd = np.zeros((n, k), np.int8), np.zeros((n, nb), np.float32)
+        xb = np.zeros((n, k // 16), np.int16)
+        for s_ in range(n):
+            kquants.quantize_act_q8k(x[s_], xq[s_], xd[s_], xb[s_])
+        out = np.full((n, rows), np.nan, np.float32)
+        tiled(w, 0, rows, xq, xd, xb, out)
+        ref = np.array([[portable(w[r], xq[s_], xd[s_], xb[s_]) for r in range(rows)]
+                        for s_ in range(n)], np.float32)
+        np.testing.assert_allclose(out, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+        one = np.full((n, rows), np.nan, np.float32)
+        for r in range(rows):
+            tiled(w, r, r + 1, xq, xd, xb, one)
+        np.testing.assert_array_equal(_bits(out), _bits(one))
+
+
+@needs_vnni
+@pytest.mark.parametrize("name", list(KQ))
+def test_avx512_kquant_tiles_use_zmm_vpdpbusd(name):
+    from quant import avx512_kquants
+    cached = getattr(avx512_kquants, f"rows_{name}_avx512")
+    fn = numba.njit(**{k: v for k, v in cached.targetoptions.items()
+                       if k not in ("cache", "nopython")})(cached.py_func)
+    w = np.zeros((4, random_blocks(np.random.default_rng(0), KQ[name], 1).size), np.uint8)
+    fn(w, 0, 4, np.zeros((1, 256), np.int8), np.ones((1, 1), np.float32),
+       np.zeros((1, 16), np.int16), np.zeros((1, 4), np.float32))
+    asm = "\n".join(fn.inspect_asm().values())
+    assert re.search(r"\bvpdpbusd\b[^\n]*%zmm", asm)
+    assert re.search(r"\bvfmadd\w*ps\b[^\n]*%zmm", asm)

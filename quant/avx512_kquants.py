@@ -1,0 +1,264 @@
+"""AVX-512 VNNI tiles for the K-quants whose row dots were portable loops: Q2_K, Q3_K, Q5_K, on
+Q8_K activations (int8 per 256-block, float32 scale ``yd``, int16 sums ``bsum`` of each 16).
+
+Per 256-block and row the weights are unpacked into four 64-byte registers of unsigned quants
+``q`` (register ``k`` holds values ``64k .. 64k + 63``, in value order) and the block's integer
+sub-block scales are spread over the 16 int32 lanes (lane ``i`` of register ``k`` covers values
+``64k + 4i .. + 3``, i.e. 16-value sub-block ``4k + i/4`` or 32-value sub-block ``2k + i/8``)::
+
+    main = Σ_k vpdpbusd(0, q_k, y_k) · scale_lanes_k         16 × int32, exact
+    aux  = vpmaddwd(coef[16] as int16, bsum[16])              8 × int32, exact
+    acc  = fma(float(main), d·yd, acc)    acc8 = fma(float(aux), c·yd, acc8)
+    row  = hsum(acc) + hsum(acc8)
+
+    format  bytes  q (unsigned)                         scales           coef       c
+    Q2_K     84    2 bits of qs[64] @16                 sc & 15 per 16    sc >> 4    −dmin
+    Q3_K    110    2 bits of qs[64] @32 | hmask bit<<2  6-bit − 32 per 16 = scale    −4·d
+    Q5_K    176    nibble of qs[128] @48 | qh bit<<4    6-bit per 32      min (×2)   −dmin
+
+(value = d·scale·q − c-term: Q2_K/Q5_K ``d·sc·q − dmin·m``, Q3_K ``d·sc·(q − 4)``; the Q5_K
+min of a 32-block multiplies ``bsum[2s] + bsum[2s+1]``, so each min is used for two lanes).
+The integer sums are exact, so the result equals the portable ``kquants._idot_<f>`` up to the
+order of the float additions. Rows go in tiles of 4 (one token at a time), as
+:func:`quant.avx512.rows_codegen` lays them out.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .avx2 import _F32, _I8, _I16, _I32, _I64, _fn, _hsum8, _load
+from .avx512 import _V16F32, _V16I32, _V32I8, _V64I8, _byte_ptr, _mask, rows_codegen
+from .jit import kernel
+
+_V16I8, _V16I16, _V32I16 = ir.VectorType(_I8, 16), ir.VectorType(_I16, 16), ir.VectorType(_I16, 32)
+_V8I32, _V8F32 = ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
+
+_Q2_K, _Q3_K, _Q5_K = "q2_k", "q3_k", "q5_k"
+_BLOCK = {_Q2_K: 84, _Q3_K: 110, _Q5_K: 176}
+TILE_ROWS = 4
+
+
+def _c(v, ty=_I32):
+    return ir.Constant(ty, v)
+
+
+def _twice(builder, v32):
+    """32 bytes → the same 32 bytes twice (64)."""
+    return builder.shuffle_vector(v32, v32, _mask(list(range(32)) * 2))
+
+
+def _bits(builder, v64, shift_lo, shift_hi, mask):
+    """Per byte ``(v >> s) & mask`` with s = ``shift_lo`` for bytes 0..31, ``shift_hi`` for
+    32..63 (16-bit shifts; ``mask`` drops the bits shifted in from the neighbouring byte)."""
+    shifted = builder.lshr(builder.bitcast(v64, _V32I16),
+                           ir.Constant(_V32I16, [shift_lo] * 16 + [shift_hi] * 16))
+    return builder.and_(builder.bitcast(shifted, _V64I8), ir.Constant(_V64I8, [mask] * 64))
+
+
+def _words_to_bytes(builder, words):
+    vec = ir.Constant(ir.VectorType(_I32, 4), [0] * 4)
+    for t, w in enumerate(words):
+        vec = builder.insert_element(vec, w, _c(t))
+    return builder.bitcast(vec, _V16I8)
+
+
+def _half(builder, w_ptr, off):
+    bits = builder.bitcast(_load(builder, w_ptr, off, _I16), ir.HalfType())
+    return builder.fpext(bits, _F32)
+
+
+class _Block:
+    """One row's 256-block ``b``: ``q(k)`` the k-th 64 quants, ``scale_lanes(k)`` their 16 int32
+    scales, ``coef`` (16 × int16), ``d`` and ``c`` (float32) as in the module table."""
+
+    def __init__(self, builder, kind, w_ptr, b):
+        self.builder, self.kind, self.w = builder, kind, w_ptr
+        intp = b.type
+        self.o = builder.mul(b, ir.Constant(intp, _BLOCK[kind]))
+        at = self._at
+        if kind == _Q2_K:
+            sc = _load(builder, w_ptr, at(0), _V16I8)
+            self.scales = builder.zext(builder.and_(sc, ir.Constant(_V16I8, [15] * 16)), _V16I32)
+            self.coef = builder.zext(builder.lshr(sc, ir.Constant(_V16I8, [4] * 16)), _V16I16)
+            self.d = _half(builder, w_ptr, at(80))
+            self.c = builder.fneg(_half(builder, w_ptr, at(82)))
+            self.sub = 16
+        elif kind == _Q3_K:
+            aux = [_load(builder, w_ptr, at(96 + 4 * t), _I32) for t in range(3)]
+            k1, k2 = _c(0x03030303), _c(0x0F0F0F0F)
+
+            def part(word, shift_lo, tshift):
+                lo = builder.and_(builder.lshr(word, _c(shift_lo)), k2)
+                hi = builder.shl(builder.and_(builder.lshr(aux[2], _c(tshift)), k1), _c(4))
+                return builder.or_(lo, hi)
+            raw = _words_to_bytes(builder, [part(aux[0], 0, 0), part(aux[1], 0, 2),
+                                            part(aux[0], 4, 4), part(aux[1], 4, 6)])
+            signed = builder.sub(raw, ir.Constant(_V16I8, [32] * 16))
+            self.scales = builder.sext(signed, _V16I32)
+            self.coef = builder.sext(signed, _V16I16)
+            d = _half(builder, w_ptr, at(108))
+            self.d = d
+            self.c = builder.fmul(d, ir.Constant(_F32, -4.0))
+            self.sub = 16
+        else:                                   # Q5_K: get_scale_min_k4 as 4 words (utmp)
+            u = [_load(builder, w_ptr, at(4 + 4 * t), _I32) for t in range(3)]
+            k1, k2, k3 = _c(0x3F3F3F3F), _c(0x0F0F0F0F), _c(0x03030303)
+            u3 = builder.or_(builder.and_(builder.lshr(u[2], _c(4)), k2),
+                             builder.shl(builder.and_(builder.lshr(u[1], _c(6)), k3), _c(4)))
+            uaux = builder.and_(u[1], k1)
+            u1 = builder.or_(builder.and_(u[2], k2),
+                             builder.shl(builder.and_(builder.lshr(u[0], _c(6)), k3), _c(4)))
+            u0 = builder.and_(u[0], k1)
+            sm = _words_to_bytes(builder, [u0, u1, uaux, u3])        # scales[8] ‖ mins[8]
+            self.scales = builder.zext(sm, _V16I32)                   # lanes 0..7 used
+            mins = builder.shuffle_vector(sm, sm, _mask([8 + i // 2 for i in range(16)]))
+            self.coef = builder.zext(mins, _V16I16)
+            self.d = _half(builder, w_ptr, at(0))
+            self.c = builder.fneg(_half(builder, w_ptr, at(2)))
+            self.sub = 32
+
+    def _at(self, offset):
+        return self.builder.add(self.o, ir.Constant(self.o.type, offset))
+
+    def q(self, k):
+        builder, w, at = self.builder, self.w, self._at
+        if self.kind == _Q5_K:
+            ql = _twice(builder, _load(builder, w, at(48 + 32 * k), _V32I8))
+            qh = _twice(builder, _load(builder, w, at(16), _V32I8))
+            low = _bits(builder, ql, 0, 4, 0x0F)
+            high = _bits(builder, qh, 2 * k, 2 * k + 1, 1)
+            return builder.or_(low, builder.shl(high, ir.Constant(_V64I8, [4] * 64)))
+        n, j0 = k // 2, 2 * (k % 2)
+        qs_at = 16 if self.kind == _Q2_K else 32
+        qs = _twice(builder, _load(builder, w, at(qs_at + 32 * n), _V32I8))
+        q = _bits(builder, qs, 2 * j0, 2 * j0 + 2, 3)
+        if self.kind == _Q3_K:
+            hm = _twice(builder, _load(builder, w, at(0), _V32I8))
+            hb = _bits(builder, hm, 4 * n + j0, 4 * n + j0 + 1, 1)
+            q = builder.or_(q, builder.shl(hb, ir.Constant(_V64I8, [2] * 64)))
+        return q
+
+    def scale_lanes(self, k):
+        if self.sub == 16:
+            idx = [4 * k + i // 4 for i in range(16)]
+        else:
+            idx = [2 * k + i // 8 for i in range(16)]
+        return self.builder.shuffle_vector(self.scales, self.scales, _mask(idx))
+
+
+class _KToken:
+    """Pointers of one token's Q8_K tables (rows of the 2-D ``xq``, ``xd``, ``xb``)."""
+
+    def __init__(self, builder, arrays, t):
+        xq, xd, xb = ((a.data, cgutils.unpack_tuple(builder, a.strides, 2)[0]) for a in arrays)
+        self.x = _byte_ptr(builder, xq[0], builder.mul(t, xq[1]))
+        self.xd = _byte_ptr(builder, xd[0], builder.mul(t, xd[1]))
+        self.xb = _byte_ptr(builder, xb[0], builder.mul(t, xb[1]))
+
+
+def _emit_ktile(builder, kind, w_rows, toks, nb):
+    intp = nb.type
+    dpbusd = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32, _V16I32, _V16I32])
+    maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
+    fma16 = _fn(builder, "llvm.fma.v16f32", _V16F32, [_V16F32, _V16F32, _V16F32])
+    fma8 = _fn(builder, "llvm.fma.v8f32", _V8F32, [_V8F32, _V8F32, _V8F32])
+    zero = ir.Constant(_V16I32, [0] * 16)
+
+    def splat(v, vt):
+        first = builder.insert_element(ir.Constant(vt, ir.Undefined), v, _c(0))
+        return builder.shuffle_vector(first, ir.Constant(vt, ir.Undefined), _mask([0] * vt.count))
+
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16)) for _ in toks]
+            for _ in w_rows]
+    acc8s = [[cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8)) for _ in toks]
+             for _ in w_rows]
+    with cgutils.for_range(builder, nb) as loop:
+        b = loop.index
+        blocks = [_Block(builder, kind, w_ptr, b) for w_ptr in w_rows]
+        mains = [[zero for _ in toks] for _ in w_rows]
+        for k in range(4):
+            ys = [builder.bitcast(_load(builder, tok.x, builder.add(
+                builder.mul(b, ir.Constant(intp, 256)), ir.Constant(intp, 64 * k)), _V64I8),
+                _V16I32) for tok in toks]
+            for i, blk in enumerate(blocks):
+                q = builder.bitcast(blk.q(k), _V16I32)
+                lanes = blk.scale_lanes(k)
+                for t, y in enumerate(ys):
+                    p = builder.call(dpbusd, [zero, q, y])
+                    mains[i][t] = builder.add(mains[i][t], builder.mul(p, lanes))
+        for t, tok in enumerate(toks):
+            yd = _load(builder, tok.xd, builder.mul(b, ir.Constant(intp, 4)), _F32)
+            bsum = _load(builder, tok.xb, builder.mul(b, ir.Constant(intp, 32)), _V16I16)
+            for i, blk in enumerate(blocks):
+                aux = builder.call(maddwd, [blk.coef, bsum])
+                acc, acc8 = accs[i][t], acc8s[i][t]
+                builder.store(builder.call(fma16, [builder.sitofp(mains[i][t], _V16F32),
+                                                   splat(builder.fmul(blk.d, yd), _V16F32),
+                                                   builder.load(acc)]), acc)
+                builder.store(builder.call(fma8, [builder.sitofp(aux, _V8F32),
+                                                  splat(builder.fmul(blk.c, yd), _V8F32),
+                                                  builder.load(acc8)]), acc8)
+    results = []
+    for i in range(len(w_rows)):
+        row = []
+        for t in range(len(toks)):
+            acc = builder.load(accs[i][t])
+            lo = builder.shuffle_vector(acc, acc, _mask(range(8)))
+            hi = builder.shuffle_vector(acc, acc, _mask(range(8, 16)))
+            row.append(builder.fadd(_hsum8(builder, builder.fadd(lo, hi)),
+                                    _hsum8(builder, builder.load(acc8s[i][t]))))
+        results.append(row)
+    return results
+
+
+def _codegen(kind):
+    return rows_codegen(lambda builder, w_rows, toks, nb: _emit_ktile(builder, kind, w_rows, toks, nb),
+                        _KToken, TILE_ROWS, 1)
+
+
+def _check(w, r0, r1, xq, xd, xb, out):
+    def arr(a, dtype):
+        return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == 2
+    return (arr(w, types.uint8) and isinstance(r0, types.Integer) and isinstance(r1, types.Integer)
+            and arr(xq, types.int8) and arr(xd, types.float32) and arr(xb, types.int16)
+            and arr(out, types.float32))
+
+
+@intrinsic
+def _rows_q2_k(typingctx, w, r0, r1, xq, xd, xb, out):
+    if _check(w, r0, r1, xq, xd, xb, out):
+        return types.void(w, r0, r1, xq, xd, xb, out), _codegen(_Q2_K)
+
+
+@intrinsic
+def _rows_q3_k(typingctx, w, r0, r1, xq, xd, xb, out):
+    if _check(w, r0, r1, xq, xd, xb, out):
+        return types.void(w, r0, r1, xq, xd, xb, out), _codegen(_Q3_K)
+
+
+@intrinsic
+def _rows_q5_k(typingctx, w, r0, r1, xq, xd, xb, out):
+    if _check(w, r0, r1, xq, xd, xb, out):
+        return types.void(w, r0, r1, xq, xd, xb, out), _codegen(_Q5_K)
+
+
+@kernel
+def rows_q2_k_avx512(w, r0, r1, xq, xd, xb, out):
+    """``out[t, r] = W[r] · x_t`` for Q2_K rows ``r0..r1`` and every token of the 2-D Q8_K
+    tables (``quantize_act_q8k``); equals ``kquants._idot_q2_k`` up to float order."""
+    _rows_q2_k(w, r0, r1, xq, xd, xb, out)
+
+
+@kernel
+def rows_q3_k_avx512(w, r0, r1, xq, xd, xb, out):
+    """As :func:`rows_q2_k_avx512` for Q3_K."""
+    _rows_q3_k(w, r0, r1, xq, xd, xb, out)
+
+
+@kernel
+def rows_q5_k_avx512(w, r0, r1, xq, xd, xb, out):
+    """As :func:`rows_q2_k_avx512` for Q5_K."""
+    _rows_q5_k(w, r0, r1, xq, xd, xb, out)

@@ -20,18 +20,20 @@ compiled call::
 
 The legacy block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) multiply with int8 activations: each
 token's activations are quantized once per call into ``scratch`` (see :func:`act_scratch_bytes`),
-then every row is an integer dot product (llama.cpp's ``vec_dot_q4_1_q8_1`` scheme; Q8_0, Q4_0 and
-Q4_1 use the AVX-512 VNNI kernels of :mod:`quant.avx512` when the CPU has them, else the AVX2
-kernels of :mod:`quant.avx2` when it has AVX2; both give the same bits). The K-quants (Q2_K..Q6_K)
-multiply with Q8_K activations (int8 per 256-block, float32 scale, int16 sums of each 16), as
-llama.cpp's ``vec_dot_q<n>_K_q8_K`` (Q4_K and Q6_K through AVX2 kernels that reproduce ggml's
-lanes bit for bit). The float formats use the ``_dot_<f>`` row functions.
+then every row is an integer dot product (llama.cpp's ``vec_dot_q4_1_q8_1`` scheme). The K-quants
+(Q2_K..Q6_K) multiply with Q8_K activations (int8 per 256-block, float32 scale, int16 sums of
+each 16), as llama.cpp's ``vec_dot_q<n>_K_q8_K``. Where the CPU has AVX-512 VNNI both run in
+tiles of 4 rows (× 4 tokens for the legacy formats) — :mod:`quant.avx512`,
+:mod:`quant.avx512_kquants` — else Q8_0/Q4_0/Q4_1/Q4_K/Q6_K in the AVX2 row dots of
+:mod:`quant.avx2` (the tiles give their bits) and the rest in portable numba loops. The float
+formats use the ``_dot_<f>`` row functions.
 
-Scratch layout (bytes, ``n`` tokens, ``nb = k / 32``), three row-major tables back to back::
+Scratch layout (bytes, ``n`` tokens, ``nb = k / 32``), four row-major tables back to back::
 
     [0, n·k)                 xq  int8    [n, k]   quantized activations
     [n·k, n·k + 4·n·nb)      xd  float32 [n, nb]  per-block scale
     [n·k + 4·n·nb, +4·n·nb)  xs  float32 [n, nb]  per-block scale · Σ xq
+    [.., + n·k)              xn  int32   [n, k/4] −c · Σ of each 4 xq (the tiles' offset)
 
 and for the K-quants (``nk = k / 256``)::
 
@@ -203,13 +205,18 @@ idot_rows = _idot_rows_tiled if HAVE_TILES else _idot_rows_rowwise
 
 @kernel
 def _krows_tiled(qtype, w, r0, r1, xq, xd, xb, out):
-    """``out[t, r] = W[r] · x_t`` in AVX-512 VNNI tiles for Q2_K/Q3_K/Q5_K (:func:`has_ktile`)."""
+    """``out[t, r] = W[r] · x_t`` in AVX-512 tiles for the K-quants (Q4_K/Q6_K: the bits of the
+    AVX2 row dots)."""
     if qtype == _Q2_K:
         avx512_kquants.rows_q2_k_avx512(w, r0, r1, xq, xd, xb, out)
     elif qtype == _Q3_K:
         avx512_kquants.rows_q3_k_avx512(w, r0, r1, xq, xd, xb, out)
+    elif qtype == _Q4_K:
+        avx512_kquants.rows_q4_k_avx512(w, r0, r1, xq, xd, xb, out)
     elif qtype == _Q5_K:
         avx512_kquants.rows_q5_k_avx512(w, r0, r1, xq, xd, xb, out)
+    elif qtype == _Q6_K:
+        avx512_kquants.rows_q6_k_avx512(w, r0, r1, xq, xd, xb, out)
 
 
 @kernel
@@ -222,8 +229,8 @@ krows_tiled = _krows_tiled if HAVE_TILES else _krows_none
 
 @kernel
 def has_ktile(qtype):
-    """Whether :data:`krows_tiled` runs this K-quant (the others use their row dots)."""
-    return HAVE_TILES and (qtype == _Q2_K or qtype == _Q3_K or qtype == _Q5_K)
+    """Whether :data:`krows_tiled` runs this K-quant (with VNNI: all of them)."""
+    return HAVE_TILES and uses_q8k_act(qtype)
 
 
 @kernel
@@ -366,7 +373,7 @@ def mul_chunks(qtype, w, c0, c1, x, out, scratch):
     """``out[t, r]`` for the rows of chunks ``c0 <= c < c1`` (ROW_TILE rows each) and every token,
     on the calling thread, the activations already prepared (:func:`prepare_acts`).
 
-    Int8-activation formats (and, with VNNI, Q2_K/Q3_K/Q5_K) run the whole run of rows per
+    Int8-activation formats (and, with VNNI, the K-quants) run the whole run of rows per
     TOKEN_BLOCK tokens in tiles (:func:`idot_rows`, :data:`krows_tiled`); the others multiply
     every token with a chunk while its bytes are in L1.
     """

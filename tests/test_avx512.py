@@ -176,7 +176,8 @@ def test_avx512_q5_tiles_match_portable_dots(name):
         np.testing.assert_array_equal(_bits(out), _bits(one))
 
 
-KQ = {"q2_k": GGMLType.Q2_K, "q3_k": GGMLType.Q3_K, "q5_k": GGMLType.Q5_K}
+KQ = {"q2_k": GGMLType.Q2_K, "q3_k": GGMLType.Q3_K, "q4_k": GGMLType.Q4_K, "q5_k": GGMLType.Q5_K,
+      "q6_k": GGMLType.Q6_K}
 
 
 @needs_vnni
@@ -210,7 +211,7 @@ def test_avx512_kquant_tiles_match_portable_dots(name):
 
 @needs_vnni
 @pytest.mark.parametrize("name", list(KQ))
-def test_avx512_kquant_tiles_use_zmm_vpdpbusd(name):
+def test_avx512_kquant_tiles_use_zmm_byte_multiply_add(name):
     from quant import avx512_kquants
     cached = getattr(avx512_kquants, f"rows_{name}_avx512")
     fn = numba.njit(**{k: v for k, v in cached.targetoptions.items()
@@ -219,5 +220,26 @@ def test_avx512_kquant_tiles_use_zmm_vpdpbusd(name):
     fn(w, 0, 4, np.zeros((1, 256), np.int8), np.ones((1, 1), np.float32),
        np.zeros((1, 16), np.int16), np.zeros((1, 4), np.float32))
     asm = "\n".join(fn.inspect_asm().values())
-    assert re.search(r"\bvpdpbusd\b[^\n]*%zmm", asm)
-    assert re.search(r"\bvfmadd\w*ps\b[^\n]*%zmm", asm)
+    assert re.search(r"\bvpmaddubsw\b[^\n]*%zmm", asm)
+    assert re.search(r"\bvpmaddwd\b[^\n]*%zmm", asm)
+
+
+@needs_vnni
+@pytest.mark.parametrize("name", ["q4_k", "q6_k"])
+def test_avx512_q4_k_q6_k_tiles_bit_identical_to_avx2(name):
+    from quant import avx512_kquants, kquants
+    rng = np.random.default_rng(12)
+    for nb, rows, n in ((1, 1, 1), (2, 5, 3), (3, 9, 2), (16, 8, 1)):
+        k = nb * 256
+        w = np.stack([random_blocks(rng, KQ[name], nb).reshape(-1) for _ in range(rows)])
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        xq, xd = np.zeros((n, k), np.int8), np.zeros((n, nb), np.float32)
+        xb = np.zeros((n, k // 16), np.int16)
+        for s_ in range(n):
+            kquants.quantize_act_q8k(x[s_], xq[s_], xd[s_], xb[s_])
+        out = np.full((n, rows), np.nan, np.float32)
+        getattr(avx512_kquants, f"rows_{name}_avx512")(w, 0, rows, xq, xd, xb, out)
+        dot = getattr(avx2, f"idot_{name}_avx2")
+        ref = np.array([[dot(w[r], xq[s_], xd[s_], xb[s_]) for r in range(rows)]
+                        for s_ in range(n)], np.float32)
+        np.testing.assert_array_equal(_bits(out), _bits(ref))

@@ -190,7 +190,7 @@ def test_avx512_kquant_tiles_match_portable_dots(name):
     rng = np.random.default_rng(11)
     tiled = getattr(avx512_kquants, f"rows_{name}_avx512")
     portable = getattr(kquants, f"_idot_{name}")
-    for nb, rows, n in ((1, 1, 1), (2, 5, 3), (3, 9, 2), (16, 8, 1)):
+    for nb, rows, n in ((1, 1, 1), (2, 5, 3), (3, 9, 2), (2, 6, 5), (16, 8, 1)):
         k = nb * 256
         w = np.stack([random_blocks(rng, t, nb).reshape(-1) for _ in range(rows)])
         x = rng.standard_normal((n, k)).astype(np.float32)
@@ -229,7 +229,7 @@ def test_avx512_kquant_tiles_use_zmm_byte_multiply_add(name):
 def test_avx512_q4_k_q6_k_tiles_bit_identical_to_avx2(name):
     from quant import avx512_kquants, kquants
     rng = np.random.default_rng(12)
-    for nb, rows, n in ((1, 1, 1), (2, 5, 3), (3, 9, 2), (16, 8, 1)):
+    for nb, rows, n in ((1, 1, 1), (2, 5, 3), (3, 9, 2), (2, 6, 5), (16, 8, 1)):
         k = nb * 256
         w = np.stack([random_blocks(rng, KQ[name], nb).reshape(-1) for _ in range(rows)])
         x = rng.standard_normal((n, k)).astype(np.float32)

@@ -13,7 +13,10 @@ compiled call that
    (``w_scale``);
 3. groups the (token, expert) pairs by expert (a counting sort) and runs each selected expert
    once over all its tokens — a mat-vec when it has one token, a mat-mat otherwise — straight
-   from the mapped stacked tensors; experts no token selected are never read;
+   from the mapped stacked tensors; experts no token selected are never read. For one token
+   (decode) the gate, up and down mat-vecs of all its experts run as three parallel regions
+   (:func:`quant.kernels.matvec_stack`), not three per expert: at 100+ threads a region's
+   fork/join costs about as much as one expert's 2048-row mat-vec;
 4. adds ``weight · down(silu(gate(x)) ⊙ up(x))`` into each token's output.
 
 The per-expert mat-muls are :func:`quant.kernels.matmul_kernel` (parallel over weight rows), so
@@ -96,13 +99,16 @@ class MoeBuffers:
         self.starts = np.zeros(c.n_expert + 1, np.int64)
         self.order = np.zeros(n_batch * k, np.int64)          # slots (t·k + j) grouped by expert
         self.xs = np.zeros((n_batch, d_model), f32)           # gathered inputs of one expert
-        self.gs = np.zeros((n_batch, c.n_ff), f32)
-        self.us = np.zeros((n_batch, c.n_ff), f32)
-        self.ys = np.zeros((n_batch, d_model), f32)
+        rows = max(n_batch, k)     # one expert's tokens, or one token's experts
+        self.gs = np.zeros((rows, c.n_ff), f32)
+        self.us = np.zeros((rows, c.n_ff), f32)
+        self.ys = np.zeros((rows, d_model), f32)
+        self.one_ids = np.zeros(k, np.int64)                  # one token's experts, ascending
+        self.one_w = np.zeros(k, f32)                         # and their weights
         need = [1]      # activation scratch for the largest need of any layer's formats
         for w in layers:
             for qt, k_ in ((w.gate, d_model), (w.up, d_model), (w.down, c.n_ff), (w.gate_inp, d_model)):
-                need.append(int(qk.act_scratch_bytes(int(qt.ggml_type), n_batch, k_)))
+                need.append(int(qk.act_scratch_bytes(int(qt.ggml_type), rows, k_)))
         self.scratch = np.zeros(max(need), np.uint8)
 
 
@@ -171,10 +177,37 @@ def _route_token(logits, bias, gating, n_group, n_group_used, norm_w, w_scale,
 
 
 @kernel
+def _one_token_experts(x, out, ids, weights, q_gate, w_gate, q_up, w_up, q_down, w_down,
+                       sel, sel_w, gs, us, ys, scratch):
+    """The expert loop of :func:`_moe_ffn` for one token (its ``ids``/``weights`` [k]) in 3
+    parallel regions — gate, up, down of all its experts (:func:`quant.kernels.matvec_stack`) —
+    instead of 3 per expert. Same results: the same row kernels, and the weighted outputs are
+    added in ascending expert order, as the general loop adds them."""
+    m = ids.shape[0]
+    for j in range(m):                             # insertion sort of (id, weight) by id
+        e, wt = ids[j], weights[j]
+        i = j
+        while i > 0 and sel[i - 1] > e:
+            sel[i] = sel[i - 1]
+            sel_w[i] = sel_w[i - 1]
+            i -= 1
+        sel[i] = e
+        sel_w[i] = wt
+    ge, ue, ye = gs[:m], us[:m], ys[:m]
+    qk.matvec_stack(q_gate, w_gate, sel, x, ge, scratch)
+    qk.matvec_stack(q_up, w_up, sel, x, ue, scratch)
+    ops.swiglu_serial(ge, ue, ge)
+    qk.matvec_stack(q_down, w_down, sel, ge, ye, scratch)
+    for i in range(m):
+        for j in range(out.shape[1]):
+            out[0, j] += sel_w[i] * ye[i, j]
+
+
+@kernel
 def _moe_ffn(x, out, logits, bias, gating, n_group, n_group_used, norm_w, w_scale,
              q_gate, w_gate, q_up, w_up, q_down, w_down,
              probs, sel, group_score, ids, weights, counts, starts, order,
-             xs, gs, us, ys, scratch):
+             xs, gs, us, ys, one_ids, one_w, scratch):
     n, d = x.shape
     k = ids.shape[1]
     n_expert = counts.shape[0]
@@ -200,6 +233,10 @@ def _moe_ffn(x, out, logits, bias, gating, n_group, n_group_used, norm_w, w_scal
     for t in range(n):
         for i in range(d):
             out[t, i] = 0.0
+    if n == 1:                 # one token: all its experts' mat-vecs share each parallel region
+        _one_token_experts(x, out, ids[0], weights[0], q_gate, w_gate, q_up, w_up, q_down,
+                           w_down, one_ids, one_w, gs, us, ys, scratch)
+        return
     for e in range(n_expert):
         c = counts[e]
         if c == 0:
@@ -238,7 +275,7 @@ def moe_ffn(c: MoeConfig, w: MoeWeights, x: np.ndarray, out: np.ndarray, b: MoeB
              int(w.gate.ggml_type), w.gate.raw, int(w.up.ggml_type), w.up.raw,
              int(w.down.ggml_type), w.down.raw,
              b.probs, b.sel, b.group_score, b.ids, b.weights, b.counts, b.starts, b.order,
-             b.xs, b.gs, b.us, b.ys, b.scratch)
+             b.xs, b.gs, b.us, b.ys, b.one_ids, b.one_w, b.scratch)
 
 
 def route_reference(logits: np.ndarray, bias: np.ndarray, c: MoeConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ compiled call::
 
     matmul_kernel(qtype, w, x, out, scratch)   # out[n, rows] = x[n, k] @ W.T  (parallel)
     matmul_serial(qtype, w, x, out, scratch)   # the same on the calling thread
+    matvec_stack(qtype, ws, sel, x, out, scratch)  # out[j] = ws[sel[j]] · x[j], one region
     get_rows_kernel(qtype, w, ids, out)        # out[i] = dequant(W[ids[i]])
     dot_rows(qtype, w, r0, r1, x, out)         # serial pieces of the above, for fused kernels
     idot_rows(qtype, w, r0, r1, xq, xd, xs, out)
@@ -425,6 +426,32 @@ def matmul_kernel(qtype, w, x, out, scratch):
     for p in prange(parts):         # one contiguous run of chunks per thread
         c0, c1 = schedule_block(n_chunks, parts, p)
         mul_chunks(qtype, w, c0, c1, x, out, scratch)
+
+
+@parallel_kernel
+def matvec_stack(qtype, ws, sel, x, out, scratch):
+    """``out[j] = W_{sel[j]} · x_j`` for the matrices ``sel`` of a stacked ``ws`` [E, rows,
+    row_bytes] (one token each: ``x`` [m, k], or [1, k] shared by all) in one parallel region.
+
+    Each thread runs its static-schedule run of chunks (as :func:`matmul_kernel`) in every
+    selected matrix, so rows stay on the threads :mod:`numa.plan` placed them for, while the
+    region's fork/join is paid once instead of once per matrix. ``scratch`` holds one activation
+    table set per row of ``x`` (``act_scratch_bytes(qtype, len(x), k)`` bytes).
+    """
+    m = sel.shape[0]
+    k = x.shape[1]
+    n_x = x.shape[0]
+    per = act_scratch_bytes(qtype, 1, k)
+    for j in range(n_x):
+        prepare_acts(qtype, x[j:j + 1], scratch[j * per:(j + 1) * per], 0)
+    n_chunks = (ws.shape[1] + ROW_TILE - 1) // ROW_TILE
+    parts = min(num_threads(), n_chunks)
+    for p in prange(parts):
+        c0, c1 = schedule_block(n_chunks, parts, p)
+        for j in range(m):
+            xj = j if n_x > 1 else 0
+            mul_chunks(qtype, ws[sel[j]], c0, c1, x[xj:xj + 1], out[j:j + 1],
+                       scratch[xj * per:(xj + 1) * per])
 
 
 @kernel

@@ -59,6 +59,31 @@ def test_moe_ffn_matches_reference(c):
     np.testing.assert_array_equal(b.counts, counts)
 
 
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.F32])
+def test_one_token_expert_path_equals_batched_path(qtype):
+    """Decode (one token: every expert's mat-vecs in shared parallel regions) gives the bits of
+    the general per-expert loop, which a batch of two copies of the token takes."""
+    from quant_helpers import random_matrix
+    c = MoeConfig(16, 4, 256, Gating.SIGMOID, True, 2.5, 4, 2)
+    rng = np.random.default_rng(4)
+    d = 256
+
+    def stack(name, rows, cols):
+        raw = np.stack([random_matrix(rng, qtype, rows, cols) for _ in range(c.n_expert)])
+        return QTensor(name, raw, qtype, rows, cols)
+    w = MoeWeights(gate_inp=_f32("r", rng.standard_normal((c.n_expert, d)) / 8),
+                   probs_b=np.zeros(c.n_expert, np.float32),
+                   gate=stack("g", c.n_ff, d), up=stack("u", c.n_ff, d), down=stack("d", d, c.n_ff))
+    x = rng.standard_normal((1, d)).astype(np.float32)
+    one, two = np.zeros((1, d), np.float32), np.zeros((2, d), np.float32)
+    b = MoeBuffers(c, d, 4, [w])
+    moe_ffn(c, w, x, one, b)
+    moe_ffn(c, w, np.repeat(x, 2, 0), two, b)
+    np.testing.assert_array_equal(one[0], two[0])
+    np.testing.assert_array_equal(two[0], two[1])
+    assert np.abs(one).max() > 0
+
+
 # --- experts nobody selected are never read ------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)

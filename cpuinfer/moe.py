@@ -57,6 +57,11 @@ class MoeConfig:
     n_group: int = 1         # group-limited routing: experts split into n_group groups ...
     n_group_used: int = 1    # ... of which the best n_group_used are eligible
 
+    def kernel_args(self) -> tuple:
+        """(gating, n_group, n_group_used, norm_w, w_scale) for :func:`moe_kernel`."""
+        return (int(self.gating), self.n_group, self.n_group_used, self.norm_w,
+                np.float32(self.w_scale))
+
     def validate(self, where: str) -> None:
         if not 0 < self.n_used <= self.n_expert:
             raise CpuinferError(f"{where}: expert_used_count {self.n_used} must be in 1..expert_count {self.n_expert}")
@@ -81,6 +86,12 @@ class MoeWeights:
 
     def routed_bytes(self) -> int:
         return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+    def kernel_args(self) -> tuple:
+        """Raw blocks and type codes of router and experts for :func:`moe_kernel`."""
+        return (int(self.gate_inp.ggml_type), self.gate_inp.raw, self.probs_b,
+                int(self.gate.ggml_type), self.gate.raw, int(self.up.ggml_type), self.up.raw,
+                int(self.down.ggml_type), self.down.raw)
 
 
 class MoeBuffers:
@@ -110,6 +121,12 @@ class MoeBuffers:
             for qt, k_ in ((w.gate, d_model), (w.up, d_model), (w.down, c.n_ff), (w.gate_inp, d_model)):
                 need.append(int(qk.act_scratch_bytes(int(qt.ggml_type), rows, k_)))
         self.scratch = np.zeros(max(need), np.uint8)
+
+    def kernel_args(self) -> tuple:
+        """The work arrays in :func:`moe_kernel`'s order."""
+        return (self.logits, self.probs, self.sel, self.group_score, self.ids, self.weights,
+                self.counts, self.starts, self.order, self.xs, self.gs, self.us, self.ys,
+                self.one_ids, self.one_w, self.scratch)
 
 
 # --- routing -------------------------------------------------------------------------------------
@@ -259,6 +276,24 @@ def _moe_ffn(x, out, logits, bias, gating, n_group, n_group_used, norm_w, w_scal
                 out[t, j] += wt * ye[i, j]
 
 
+@kernel
+def moe_kernel(x, out, cfg, wts, bufs):
+    """:func:`moe_ffn` for compiled callers: router mat-mul, routing and the expert loop in one
+    call. ``cfg``, ``wts``, ``bufs`` are :meth:`MoeConfig.kernel_args`,
+    :meth:`MoeWeights.kernel_args` and :meth:`MoeBuffers.kernel_args` (sizes checked by the
+    caller)."""
+    gating, n_group, n_group_used, norm_w, w_scale = cfg
+    q_r, w_r, bias, q_gate, w_gate, q_up, w_up, q_down, w_down = wts
+    (logits_all, probs, sel, group_score, ids, weights, counts, starts, order,
+     xs, gs, us, ys, one_ids, one_w, scratch) = bufs
+    logits = logits_all[:x.shape[0]]
+    qk.matmul_kernel(q_r, w_r, x, logits, scratch)                       # [n, n_expert]
+    _moe_ffn(x, out, logits, bias, gating, n_group, n_group_used, norm_w, w_scale,
+             q_gate, w_gate, q_up, w_up, q_down, w_down,
+             probs, sel, group_score, ids, weights, counts, starts, order,
+             xs, gs, us, ys, one_ids, one_w, scratch)
+
+
 def moe_ffn(c: MoeConfig, w: MoeWeights, x: np.ndarray, out: np.ndarray, b: MoeBuffers) -> None:
     """``out[t] = Σ_j weight[t, j] · expert_{ids[t, j]}(x[t])`` for x, out float32 [n, d].
 
@@ -268,14 +303,8 @@ def moe_ffn(c: MoeConfig, w: MoeWeights, x: np.ndarray, out: np.ndarray, b: MoeB
     if n > b.xs.shape[0] or out.shape != x.shape or x.shape[1] != b.xs.shape[1]:
         raise CpuinferError(f"moe_ffn: x {list(x.shape)} / out {list(out.shape)} do not fit buffers for "
                             f"{b.xs.shape[0]} tokens of {b.xs.shape[1]}")
-    logits = b.logits[:n]
-    quant.matmul(w.gate_inp.raw, w.gate_inp.ggml_type, x, logits, b.scratch)
-    _moe_ffn(x, out, logits, w.probs_b, int(c.gating), c.n_group, c.n_group_used, c.norm_w,
-             np.float32(c.w_scale),
-             int(w.gate.ggml_type), w.gate.raw, int(w.up.ggml_type), w.up.raw,
-             int(w.down.ggml_type), w.down.raw,
-             b.probs, b.sel, b.group_score, b.ids, b.weights, b.counts, b.starts, b.order,
-             b.xs, b.gs, b.us, b.ys, b.one_ids, b.one_w, b.scratch)
+    quant.check_matmul(w.gate_inp.raw, w.gate_inp.ggml_type, x, b.logits[:n], b.scratch)
+    moe_kernel(x, out, c.kernel_args(), w.kernel_args(), b.kernel_args())
 
 
 def route_reference(logits: np.ndarray, bias: np.ndarray, c: MoeConfig) -> tuple[np.ndarray, np.ndarray]:

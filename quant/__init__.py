@@ -117,13 +117,11 @@ def _check_weights(w, ggml_type, k: int, where: str) -> QuantFormat:
     return fmt
 
 
-def matmul(w: np.ndarray, ggml_type, x: np.ndarray, out: np.ndarray,
-           scratch: np.ndarray | None = None) -> None:
-    """``out[:] = x @ W.T`` for quantized rows ``w`` [rows, row_bytes], ``x`` [n, k], ``out`` [n, rows].
-
-    ``scratch`` (optional, uint8 1-d of at least ``scratch_size(ggml_type, n, k)`` bytes) holds the
-    quantized activations; pass a preallocated one on the hot path, otherwise one is allocated.
-    """
+def check_matmul(w: np.ndarray, ggml_type, x: np.ndarray, out: np.ndarray,
+                 scratch: np.ndarray | None = None) -> np.ndarray:
+    """Validate :func:`matmul`'s arguments (one-line :class:`CpuinferError` otherwise) and return
+    the scratch to use (``scratch``, or a new one when None) — for callers that then run
+    ``kernels.matmul_kernel`` from compiled code."""
     _check_array(x, "x", np.float32, 2, "matmul")
     _check_array(out, "out", np.float32, 2, "matmul", writeable=True)
     n, k = x.shape
@@ -131,17 +129,26 @@ def matmul(w: np.ndarray, ggml_type, x: np.ndarray, out: np.ndarray,
     if out.shape != (n, w.shape[0]):
         raise CpuinferError(f"matmul: out must be [{n}, {w.shape[0]}] for x {list(x.shape)} and "
                             f"{w.shape[0]} weight rows, got {list(out.shape)}")
-    qtype = int(ggml_type)
-    need = int(kernels.act_scratch_bytes(qtype, n, k))
+    need = int(kernels.act_scratch_bytes(int(ggml_type), n, k))
     if scratch is None:
-        scratch = np.empty(max(need, 1), np.uint8)
-    else:
-        _check_array(scratch, "scratch", np.uint8, 1, "matmul", writeable=True)
-        if scratch.shape[0] < need:
-            raise CpuinferError(f"matmul: scratch has {scratch.shape[0]} bytes, needs {need} "
-                                f"(scratch_size({_type_name(ggml_type)}, {n}, {k}))")
-    if n:
-        kernels.matmul_kernel(qtype, w, x, out, scratch)
+        return np.empty(max(need, 1), np.uint8)
+    _check_array(scratch, "scratch", np.uint8, 1, "matmul", writeable=True)
+    if scratch.shape[0] < need:
+        raise CpuinferError(f"matmul: scratch has {scratch.shape[0]} bytes, needs {need} "
+                            f"(scratch_size({_type_name(ggml_type)}, {n}, {k}))")
+    return scratch
+
+
+def matmul(w: np.ndarray, ggml_type, x: np.ndarray, out: np.ndarray,
+           scratch: np.ndarray | None = None) -> None:
+    """``out[:] = x @ W.T`` for quantized rows ``w`` [rows, row_bytes], ``x`` [n, k], ``out`` [n, rows].
+
+    ``scratch`` (optional, uint8 1-d of at least ``scratch_size(ggml_type, n, k)`` bytes) holds the
+    quantized activations; pass a preallocated one on the hot path, otherwise one is allocated.
+    """
+    scratch = check_matmul(w, ggml_type, x, out, scratch)
+    if x.shape[0]:
+        kernels.matmul_kernel(int(ggml_type), w, x, out, scratch)
 
 
 def get_rows(w: np.ndarray, ggml_type, ids: np.ndarray, out: np.ndarray) -> None:

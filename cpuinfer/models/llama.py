@@ -213,7 +213,7 @@ def _layer(n, p0, li, eps, scale, neox, nh, nkv,
     ops.attention(q3, k_cache[li], v_cache[li], p0, scale, scores, qh,
                   att.reshape((n, nh, hd)))                             # [n, nh, hd]
     matmul_kernel(to, wo, att, xo, scratch)                             # [n, d]
-    _add(x, xo)
+    ops.add_into(x, xo)
     # feed-forward: x += W_down · (silu(xb·W_gateᵀ) ⊙ xb·W_upᵀ), xb = norm(x)
     if one:
         ops.rmsnorm_serial(x, ffn_norm, eps, xb)
@@ -226,16 +226,7 @@ def _layer(n, p0, li, eps, scale, neox, nh, nkv,
     else:
         ops.swiglu(gate, up, hidden)
     matmul_kernel(td, w_down, hidden, xo, scratch)                      # [n, d]
-    _add(x, xo)
-
-
-@kernel
-def _add(x, y):
-    """x += y for [n, d] arrays (the residual connection)."""
-    n, d = x.shape
-    for t in range(n):
-        for i in range(d):
-            x[t, i] += y[t, i]
+    ops.add_into(x, xo)
 
 
 def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: int,

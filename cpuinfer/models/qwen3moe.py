@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from quant.jit import kernel
+from quant.kernels import matmul_kernel
+
 from .. import ops
-from ..arch import ArchInfo, Key, Tn, read_meta, tensor_name
+from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
 from ..gguf import GGUFFile
 from ..kvcache import KVCache
-from ..moe import Gating, MoeBuffers, MoeConfig, MoeWeights, moe_ffn
+from ..moe import Gating, MoeBuffers, MoeConfig, MoeWeights, moe_kernel
 from ..weights import QTensor, TensorLoader, matmul_scratch
 from . import llama
 
@@ -71,6 +74,15 @@ class Weights:
     output_norm: np.ndarray
     output: QTensor
     n_used: int
+
+    @property
+    def layer_args(self) -> list[tuple]:
+        """Per layer, :func:`_layer`'s weight arguments (raw blocks + type codes), made once."""
+        cached = self.__dict__.get("_layer_args")
+        if cached is None:
+            cached = [_layer_inputs(L) for L in self.layers]
+            object.__setattr__(self, "_layer_args", cached)
+        return cached
 
     @classmethod
     def from_gguf(cls, t: TensorLoader, c: Config) -> "Weights":
@@ -134,37 +146,61 @@ class State:
         self.moe = MoeBuffers(c.moe, a.d_model, n_batch, [L.moe for L in w.layers])
 
 
+def _layer_inputs(L: Layer) -> tuple:
+    def m(t: QTensor):
+        return t.raw, int(t.ggml_type)
+    return (L.attn_norm, *m(L.wq), *m(L.wk), *m(L.wv), L.q_norm, L.k_norm, *m(L.wo), L.ffn_norm,
+            L.moe.kernel_args())
+
+
+@kernel
+def _layer(n, p0, li, eps, scale, neox, nh, nkv,
+           x_all, xb_all, xo_all, q_all, k_all, v_all, att_all, scratch,
+           k_cache, v_cache, scores, qh, cos, sin,
+           attn_norm, wq, tq, wk, tk, wv, tv, q_norm, k_norm, wo, to, ffn_norm, moe_w,
+           moe_cfg, moe_bufs):
+    """One decoder layer for tokens 0..n-1 at positions p0..p0+n-1 in one compiled call (as
+    :func:`cpuinfer.models.llama._layer`, plus per-head q/k norms and the routed-expert FFN)."""
+    x, xb, xo = x_all[:n], xb_all[:n], xo_all[:n]                       # [n, d]
+    q, k, v, att = q_all[:n], k_all[:n], v_all[:n], att_all[:n]
+    hd = q_norm.shape[0]
+    ops.rmsnorm(x, attn_norm, eps, xb)                                  # [n, d]
+    matmul_kernel(tq, wq, xb, q, scratch)                               # [n, nh·hd]
+    matmul_kernel(tk, wk, xb, k, scratch)                               # [n, nkv·hd]
+    matmul_kernel(tv, wv, xb, v, scratch)                               # [n, nkv·hd]
+    qh_, kh_ = q.reshape((n * nh, hd)), k.reshape((n * nkv, hd))
+    ops.rmsnorm(qh_, q_norm, eps, qh_)                                  # per-head q/k norms
+    ops.rmsnorm(kh_, k_norm, eps, kh_)
+    q3, k3 = q.reshape((n, nh, hd)), k.reshape((n, nkv, hd))
+    ops.rope_kernel(q3, cos, sin, p0, neox)
+    ops.rope_kernel(k3, cos, sin, p0, neox)
+    ops.store_f16(k3, k_cache[li, p0:p0 + n])                           # f16 cache [ctx, nkv, hd]
+    ops.store_f16(v.reshape((n, nkv, hd)), v_cache[li, p0:p0 + n])
+    ops.attention(q3, k_cache[li], v_cache[li], p0, scale, scores, qh,
+                  att.reshape((n, nh, hd)))                             # [n, nh, hd]
+    matmul_kernel(to, wo, att, xo, scratch)                             # [n, d]
+    ops.add_into(x, xo)
+    ops.rmsnorm(x, ffn_norm, eps, xb)
+    moe_kernel(xb, xo, moe_cfg, moe_w, moe_bufs)                        # [n, d]
+    ops.add_into(x, xo)
+
+
 def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: int,
             logits_out: np.ndarray) -> None:
     """Run tokens ``s.tokens[:n]`` at positions p0..p0+n-1; logits of the last
-    ``len(logits_out)`` tokens into ``logits_out`` [m, vocab]."""
+    ``len(logits_out)`` tokens into ``logits_out`` [m, vocab]. One compiled call per layer."""
     a = c.attn
     cos, sin = rope_cs
-    hd, nh, nkv = a.head_dim, a.n_head, a.n_head_kv
-    x, xb, xo = s.x[:n], s.xb[:n], s.xo[:n]
-    q, k, v, att = s.q[:n], s.k[:n], s.v[:n], s.att[:n]
-    scale = 1.0 / np.sqrt(hd)
+    x, xb = s.x[:n], s.xb[:n]
+    scale = 1.0 / np.sqrt(a.head_dim)
+    neox = a.rope_type is RopeType.NEOX
+    moe_cfg, moe_bufs = c.moe.kernel_args(), s.moe.kernel_args()
 
     w.token_embd.get_rows(s.tokens[:n], x)
-    for li, L in enumerate(w.layers):
-        ops.rmsnorm(x, L.attn_norm, a.rms_eps, xb)
-        L.wq.matmul(xb, q, s.scratch)
-        L.wk.matmul(xb, k, s.scratch)
-        L.wv.matmul(xb, v, s.scratch)
-        qh, kh = q.reshape(n * nh, hd), k.reshape(n * nkv, hd)
-        ops.rmsnorm(qh, L.q_norm, a.rms_eps, qh)                      # per-head q/k norms
-        ops.rmsnorm(kh, L.k_norm, a.rms_eps, kh)
-        q3, k3 = q.reshape(n, nh, hd), k.reshape(n, nkv, hd)
-        ops.rope(q3, cos, sin, p0, a.rope_type)
-        ops.rope(k3, cos, sin, p0, a.rope_type)
-        ops.store_f16(k3, kv.k[li, p0:p0 + n])                       # f16 cache [ctx, nkv, hd]
-        ops.store_f16(v.reshape(n, nkv, hd), kv.v[li, p0:p0 + n])
-        ops.attention(q3, kv.k[li], kv.v[li], p0, scale, kv.scores, kv.qh, att.reshape(n, nh, hd))
-        L.wo.matmul(att, xo, s.scratch)
-        x += xo
-        ops.rmsnorm(x, L.ffn_norm, a.rms_eps, xb)
-        moe_ffn(c.moe, L.moe, xb, xo, s.moe)
-        x += xo
+    for li, args in enumerate(w.layer_args):
+        _layer(n, p0, li, a.rms_eps, scale, neox, a.n_head, a.n_head_kv,
+               s.x, s.xb, s.xo, s.q, s.k, s.v, s.att, s.scratch,
+               kv.k, kv.v, kv.scores, kv.qh, cos, sin, *args, moe_cfg, moe_bufs)
     m = logits_out.shape[0]
     xl = xb[n - m:]
     ops.rmsnorm(x[n - m:], w.output_norm, a.rms_eps, xl)

@@ -34,13 +34,14 @@ from numba import prange
 
 from quant import kernels as qk
 from quant.jit import kernel, parallel_kernel
+from quant.kernels import matmul_kernel
 
 from .. import ops
 from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
 from ..errors import CpuinferError
 from ..gguf import GGUFFile
 from ..kvcache import BYTES_PER_VALUE
-from ..moe import Gating, MoeBuffers, MoeConfig, MoeWeights, moe_ffn
+from ..moe import Gating, MoeBuffers, MoeConfig, MoeWeights, moe_kernel
 from ..weights import QTensor, TensorLoader, matmul_scratch
 
 
@@ -213,6 +214,15 @@ class Weights:
     output: QTensor
     n_used: int                        # routed experts per token
 
+    @property
+    def layer_args(self) -> list[tuple]:
+        """Per layer, the compiled blocks' weight arguments (:func:`_layer_inputs`), made once."""
+        cached = self.__dict__.get("_layer_args")
+        if cached is None:
+            cached = [_layer_inputs(L) for L in self.layers]
+            object.__setattr__(self, "_layer_args", cached)
+        return cached
+
     @classmethod
     def from_gguf(cls, t: TensorLoader, c: Config) -> "Weights":
         d, nh, hk = c.d_model, c.n_head, c.nope + c.rope_dims
@@ -356,75 +366,144 @@ def _per_head_matvec(qtype, w, src, dst, xbuf, ybuf, scratch):
             dst[0, h, i] = ys[0, i]
 
 
-def _heads_matmul(s: "State", t: QTensor, src, dst) -> None:
-    """``dst[:, h] = W[h] · src[:, h]`` for every head: per head over threads for one token, else
-    per head one parallel mat-mul over its tokens."""
+_NO_MAT = np.zeros((0, 0), np.uint8)      # stand-ins for absent matrices / norms (never read)
+_NO_VEC = np.zeros(0, np.float32)
+for _a in (_NO_MAT, _NO_VEC):
+    _a.flags.writeable = False
+
+
+def _m(t: QTensor | None):
+    return (_NO_MAT, -1) if t is None else (t.raw, int(t.ggml_type))
+
+
+def _ffn_inputs(f: Ffn | None) -> tuple:
+    return (*_m(f and f.gate), *_m(f and f.up), *_m(f and f.down))
+
+
+def _layer_inputs(L: Layer) -> tuple:
+    """(attention args, is_moe, FFN args) of one layer for :func:`_mla_block` and
+    :func:`_dense_block` / :func:`_moe_block`: raw blocks + type codes, norms, placeholders for
+    absent parts."""
+    has_qa = L.wq is None
+    attn = (L.attn_norm, has_qa, *_m(L.wq_a), L.q_a_norm if has_qa else _NO_VEC, *_m(L.wq_b),
+            *_m(L.wq), *_m(L.wkv_a), L.kv_a_norm, *_m(L.wk_b), *_m(L.wv_b), *_m(L.wo))
+    if L.moe is None:
+        return attn, False, (L.ffn_norm, *_ffn_inputs(L.ffn))
+    return attn, True, (L.ffn_norm, L.moe.kernel_args(), L.shexp is not None,
+                        *_ffn_inputs(L.shexp))
+
+
+@kernel
+def _heads(qtype, w, src, dst, hbuf_in, hbuf_out, head_scratch, scratch):
+    """``dst[:, h] = W[h] · src[:, h]`` for every head: per head over threads for one token
+    (:func:`_per_head_matvec`), else per head one parallel mat-mul over its tokens."""
     if src.shape[0] == 1:
-        _per_head_matvec(int(t.ggml_type), t.raw, src, dst, s.hbuf_in, s.hbuf_out, s.head_scratch)
+        _per_head_matvec(qtype, w, src, dst, hbuf_in, hbuf_out, head_scratch)
     else:
-        _per_head_matmul(int(t.ggml_type), t.raw, src, dst, s.hbuf_in, s.hbuf_out, s.scratch)
+        _per_head_matmul(qtype, w, src, dst, hbuf_in, hbuf_out, scratch)
 
 
-def _dense_ffn(f: Ffn, xb, out, gate, up, scratch) -> None:
-    f.gate.matmul(xb, gate, scratch)
-    f.up.matmul(xb, up, scratch)
+@kernel
+def _mla_block(n, p0, li, eps, kq_scale, neox, nh, nope,
+               x_all, xb_all, xo_all, q_all, qa_all, qa_n_all, kva_all, q_mqa_all, o_lat_all,
+               att_all, hbuf_in, hbuf_out, head_scratch, scratch, kv_all, scores, qh, cos, sin,
+               attn_norm, has_qa, wq_a, tq_a, q_a_norm, wq_b, tq_b, wq, tq, wkv_a, tkv_a,
+               kv_a_norm, wk_b, tk_b, wv_b, tv_b, wo, to):
+    """MLA attention of one layer for tokens 0..n-1 at positions p0.. (module docstring), in one
+    compiled call: x += attn_output(MLA(norm(x)))."""
+    x, xb, xo = x_all[:n], xb_all[:n], xo_all[:n]                        # [n, d]
+    q, kva, q_mqa = q_all[:n], kva_all[:n], q_mqa_all[:n]
+    o_lat, att = o_lat_all[:n], att_all[:n]
+    L_ = kv_a_norm.shape[0]
+    width = kva.shape[1]                                                 # L + rope
+    hk = q.shape[1] // nh                                                # nope + rope
+    ops.rmsnorm(x, attn_norm, eps, xb)
+    if has_qa:
+        qa, qa_n = qa_all[:n], qa_n_all[:n]
+        matmul_kernel(tq_a, wq_a, xb, qa, scratch)                       # [n, q_lora]
+        ops.rmsnorm(qa, q_a_norm, eps, qa_n)
+        matmul_kernel(tq_b, wq_b, qa_n, q, scratch)                      # [n, nh·(nope+rope)]
+    else:
+        matmul_kernel(tq, wq, xb, q, scratch)
+    matmul_kernel(tkv_a, wkv_a, xb, kva, scratch)                        # [n, L + rope]
+    # cache (f16): normed latent ‖ rotated rope key at p0..p0+n-1
+    ops.rmsnorm(kva[:, :L_], kv_a_norm, eps, kva[:, :L_])
+    kva3 = kva.reshape((n, 1, width))
+    ops.rope_kernel(kva3[:, :, L_:], cos, sin, p0, neox)
+    kc = kv_all[li].reshape((kv_all.shape[1], 1, width))                 # [ctx, 1, L + rope]
+    ops.store_f16(kva3, kc[p0:p0 + n])
+    # query: absorbed no-rope part ‖ rotated rope part
+    q3 = q.reshape((n, nh, hk))
+    ops.rope_kernel(q3[:, :, nope:], cos, sin, p0, neox)
+    _heads(tk_b, wk_b, q3[:, :, :nope], q_mqa[:, :, :L_], hbuf_in, hbuf_out, head_scratch,
+           scratch)                                                      # [n, nh, L]
+    q_mqa[:, :, L_:] = q3[:, :, nope:]
+    ops.attention(q_mqa, kc, kc[:, :, :L_], p0, kq_scale, scores, qh, o_lat)  # MQA, V = latent
+    _heads(tv_b, wv_b, o_lat, att.reshape((n, nh, att.shape[1] // nh)), hbuf_in, hbuf_out,
+           head_scratch, scratch)                                        # [n, nh, v_dim]
+    matmul_kernel(to, wo, att, xo, scratch)                              # [n, d]
+    ops.add_into(x, xo)
+
+
+@kernel
+def _swiglu_ffn(xb, out, gate_flat, up_flat, scratch, wg, tg, wu, tu, wd, td):
+    """out = W_down · (silu(xb·W_gateᵀ) ⊙ xb·W_upᵀ) (dense or shared-expert SwiGLU)."""
+    n = xb.shape[0]
+    ff = wg.shape[0]
+    gate = gate_flat[:n * ff].reshape((n, ff))
+    up = up_flat[:n * ff].reshape((n, ff))
+    matmul_kernel(tg, wg, xb, gate, scratch)                             # [n, ff]
+    matmul_kernel(tu, wu, xb, up, scratch)
     ops.swiglu(gate, up, gate)
-    f.down.matmul(gate, out, scratch)
+    matmul_kernel(td, wd, gate, out, scratch)                            # [n, d]
+
+
+@kernel
+def _dense_block(n, eps, x_all, xb_all, xo_all, xm_all, gate_flat, up_flat, scratch,
+                 ffn_norm, wg, tg, wu, tu, wd, td):
+    """x += FFN(norm(x)) for a leading dense block."""
+    x, xb, xo = x_all[:n], xb_all[:n], xo_all[:n]
+    ops.rmsnorm(x, ffn_norm, eps, xb)
+    _swiglu_ffn(xb, xo, gate_flat, up_flat, scratch, wg, tg, wu, tu, wd, td)
+    ops.add_into(x, xo)
+
+
+@kernel
+def _moe_block(n, eps, x_all, xb_all, xo_all, xm_all, gate_flat, up_flat, scratch,
+               ffn_norm, moe_w, has_shexp, wg, tg, wu, tu, wd, td, moe_cfg, moe_bufs):
+    """x += routed experts(norm(x)) + shared experts(norm(x)) for a MoE block."""
+    x, xb, xo, xm = x_all[:n], xb_all[:n], xo_all[:n], xm_all[:n]
+    ops.rmsnorm(x, ffn_norm, eps, xb)
+    moe_kernel(xb, xm, moe_cfg, moe_w, moe_bufs)                         # [n, d]
+    ops.add_into(x, xm)
+    if has_shexp:
+        _swiglu_ffn(xb, xo, gate_flat, up_flat, scratch, wg, tg, wu, tu, wd, td)
+        ops.add_into(x, xo)
 
 
 def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: int,
             logits_out: np.ndarray) -> None:
     """Run tokens ``s.tokens[:n]`` at positions p0..p0+n-1; logits of the last
-    ``len(logits_out)`` tokens into ``logits_out`` [m, vocab]."""
+    ``len(logits_out)`` tokens into ``logits_out`` [m, vocab]. Two compiled calls per layer:
+    attention (:func:`_mla_block`) and the dense or MoE FFN block."""
     cos, sin = rope_cs
-    nh, hk, L_, r = c.n_head, c.nope + c.rope_dims, c.kv_lora, c.rope_dims
-    x, xb, xo = s.x[:n], s.xb[:n], s.xo[:n]
-    q, kva, q_mqa, o_lat, att = s.q[:n], s.kva[:n], s.q_mqa[:n], s.o_lat[:n], s.att[:n]
-    kq_scale = c.kq_scale
-
-    w.token_embd.get_rows(s.tokens[:n], x)
-    for li, L in enumerate(w.layers):
-        ops.rmsnorm(x, L.attn_norm, c.rms_eps, xb)
-        if L.wq is None:
-            qa, qa_n = s.qa[:n], s.qa_n[:n]
-            L.wq_a.matmul(xb, qa, s.scratch)
-            ops.rmsnorm(qa, L.q_a_norm, c.rms_eps, qa_n)
-            L.wq_b.matmul(qa_n, q, s.scratch)                                   # [n, nh·(nope+rope)]
+    neox = c.rope_type is RopeType.NEOX
+    moe_cfg = c.moe.kernel_args()
+    moe_bufs = s.moe.kernel_args() if s.moe is not None else None
+    acts = (s.x, s.xb, s.xo, s.xm, s.gate, s.up, s.scratch)
+    w.token_embd.get_rows(s.tokens[:n], s.x[:n])
+    for li, (attn, is_moe, ffn) in enumerate(w.layer_args):
+        _mla_block(n, p0, li, c.rms_eps, c.kq_scale, neox, c.n_head, c.nope,
+                   s.x, s.xb, s.xo, s.q, s.qa, s.qa_n, s.kva, s.q_mqa, s.o_lat, s.att,
+                   s.hbuf_in, s.hbuf_out, s.head_scratch, s.scratch, kv.kv, kv.scores, kv.qh,
+                   cos, sin, *attn)
+        if is_moe:
+            _moe_block(n, c.rms_eps, *acts, *ffn, moe_cfg, moe_bufs)
         else:
-            L.wq.matmul(xb, q, s.scratch)
-        L.wkv_a.matmul(xb, kva, s.scratch)                                      # [n, L + rope]
-        # cache (f16): normed latent ‖ rotated rope key at p0..p0+n-1
-        ops.rmsnorm(kva[:, :L_], L.kv_a_norm, c.rms_eps, kva[:, :L_])
-        ops.rope(kva[:, None, L_:], cos, sin, p0, c.rope_type)
-        kc = kv.kv[li].reshape(kv.n_ctx, 1, c.kv_width)                # [ctx, 1, L + rope]
-        ops.store_f16(kva.reshape(n, 1, c.kv_width), kc[p0:p0 + n])
-        # query: absorbed no-rope part ‖ rotated rope part
-        q3 = q.reshape(n, nh, hk)
-        ops.rope(q3[:, :, c.nope:], cos, sin, p0, c.rope_type)
-        _heads_matmul(s, L.wk_b, q3[:, :, :c.nope], q_mqa[:, :, :L_])      # [n, nh, L]
-        q_mqa[:, :, L_:] = q3[:, :, c.nope:]
-        ops.attention(q_mqa, kc, kc[:, :, :L_], p0, kq_scale, kv.scores, kv.qh, o_lat)  # MQA, V = latent
-        _heads_matmul(s, L.wv_b, o_lat, att.reshape(n, nh, c.v_dim))      # [n, nh, v_dim]
-        L.wo.matmul(att, xo, s.scratch)
-        x += xo
-        ops.rmsnorm(x, L.ffn_norm, c.rms_eps, xb)
-        if L.ffn is not None:
-            ff = c.n_ff
-            _dense_ffn(L.ffn, xb, xo, s.gate[:n * ff].reshape(n, ff), s.up[:n * ff].reshape(n, ff),
-                       s.scratch)
-            x += xo
-        else:
-            xm = s.xm[:n]
-            moe_ffn(c.moe, L.moe, xb, xm, s.moe)
-            x += xm
-            if L.shexp is not None:
-                ff = c.n_ff_shexp
-                _dense_ffn(L.shexp, xb, xo, s.gate[:n * ff].reshape(n, ff), s.up[:n * ff].reshape(n, ff),
-                           s.scratch)
-                x += xo
+            _dense_block(n, c.rms_eps, *acts, *ffn)
     m = logits_out.shape[0]
-    xl = xb[n - m:]
-    ops.rmsnorm(x[n - m:], w.output_norm, c.rms_eps, xl)
+    xl = s.xb[n - m:n]
+    ops.rmsnorm(s.x[n - m:n], w.output_norm, c.rms_eps, xl)
     w.output.matmul(xl, logits_out, s.scratch)
 
 

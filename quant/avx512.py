@@ -49,7 +49,13 @@ from .avx2 import _LAYOUT as _AVX2_LAYOUT
 from .jit import kernel
 
 HAVE_AVX512_VNNI = host_has("avx512f", "avx512bw", "avx512vl", "avx512vnni")
-"""Whether the compile target can run this module's kernels."""
+"""Whether the compile target has ``vpdpbusd`` (then every tile here uses it; Q8_0's needs it)."""
+HAVE_TILES = host_has("avx2", "fma", "f16c")
+"""Whether the compile target can run the Q4_0/Q4_1/Q5_0/Q5_1 tiles: without VNNI their byte
+dot is ``vpmaddubsw`` + ``vpmaddwd`` (exact: their quants are ≤ 31, a byte pair sums to at most
+2·31·127), on 64-byte registers with AVX-512BW or as two 32-byte halves with AVX2. Q8_0's
+``w + 128`` would saturate ``vpmaddubsw``, so its tile needs VNNI."""
+_WIDE = host_has("avx512f", "avx512bw")
 
 _Q5_0, _Q5_1 = "q5_0", "q5_1"
 _LAYOUT = {**_AVX2_LAYOUT, _Q5_0: (22, 6), _Q5_1: (24, 8)}   # kind -> (block bytes, qs offset)
@@ -66,6 +72,7 @@ TILE_ROWS, TILE_TOKENS = 4, 4
 
 _V16I8, _V32I8, _V64I8 = (ir.VectorType(_I8, n) for n in (16, 32, 64))
 _V16I32, _V16F32 = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+_V32I16 = ir.VectorType(_I16, 32)
 _V2F32, _V2I16 = ir.VectorType(_F32, 2), ir.VectorType(_I16, 2)
 
 
@@ -156,11 +163,44 @@ class _Token:
         self.xn = _byte_ptr(builder, xn[0], builder.mul(t, xn[1]))
 
 
+def madd_pairs(builder):
+    """``madd(q, y, lanes)`` = ``vpmaddwd(vpmaddubsw(q, y), lanes)`` on 64 bytes → 16 × int32:
+    one AVX-512BW instruction each, or each 32-byte half through the AVX2 ones."""
+    if _WIDE:
+        maddubs = _fn(builder, "llvm.x86.avx512.pmaddubs.w.512", _V32I16, [_V64I8, _V64I8])
+        maddwd = _fn(builder, "llvm.x86.avx512.pmaddw.d.512", _V16I32, [_V32I16, _V32I16])
+        return lambda q, y, lanes: builder.call(maddwd, [builder.call(maddubs, [q, y]), lanes])
+    maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(_I16, 16), [_V32I8, _V32I8])
+    maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8),
+                 [ir.VectorType(_I16, 16), ir.VectorType(_I16, 16)])
+
+    def half(v, h, n):
+        return builder.shuffle_vector(v, v, _mask(range(h * n, h * n + n)))
+
+    def madd(q, y, lanes):
+        parts = [builder.call(maddwd, [builder.call(maddubs, [half(q, h, 32), half(y, h, 32)]),
+                                       half(lanes, h, 16)]) for h in range(2)]
+        return builder.shuffle_vector(parts[0], parts[1], _mask(range(16)))
+    return madd
+
+
+def _byte_dot(builder):
+    """``dot(base, q, y)`` = base + the 16 four-byte sums of unsigned ``q`` × signed ``y``
+    (``vpdpbusd``; without VNNI :func:`madd_pairs` with unit lanes, exact for quants ≤ 31)."""
+    if HAVE_AVX512_VNNI:
+        dpbusd = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32, _V16I32, _V16I32])
+        return lambda base, q, y: builder.call(dpbusd, [base, q, y])
+    madd = madd_pairs(builder)
+    ones = ir.Constant(_V32I16, [1] * 32)
+    return lambda base, q, y: builder.add(base, madd(builder.bitcast(q, _V64I8),
+                                                     builder.bitcast(y, _V64I8), ones))
+
+
 def _step(builder, kind, w_rows, toks, j, accs, extras, single=False):
     """Accumulate weight blocks 2j, 2j+1 (``single``: block 2j only) of every row into every
     token's accumulators ``accs[i][t]`` (16 × float32) and ``extras[i][t]`` (2 × float32)."""
     intp = j.type
-    dpbusd = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32, _V16I32, _V16I32])
+    dot = _byte_dot(builder)
     fma = _fn(builder, "llvm.fma.v16f32", _V16F32, [_V16F32, _V16F32, _V16F32])
     b0 = builder.mul(j, ir.Constant(intp, 2))
     at64 = builder.mul(j, ir.Constant(intp, 64))
@@ -176,7 +216,7 @@ def _step(builder, kind, w_rows, toks, j, accs, extras, single=False):
         if kind in _HAS_MIN:
             xs2 = _load_two(builder, tok.xs, f4, ir.VectorType(_F32, 1), single)
         for i, (q, d, m) in enumerate(weights):
-            p = builder.call(dpbusd, [base, q, y])
+            p = dot(base, q, y)
             s2 = builder.fmul(d, xd2)
             scale = builder.shuffle_vector(s2, s2, _mask([0] * 8 + [1] * 8))
             acc = accs[i][t]

@@ -40,12 +40,16 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .avx2 import _F32, _I8, _I16, _I32, _I64, _fn, _hsum8, _load
-from .avx512 import _V16F32, _V16I32, _V32I8, _V64I8, _byte_ptr, _mask, rows_codegen
+from .avx2 import _F32, _I8, _I16, _I32, _I64, _fn, _hsum8, _load, host_has
+from .avx512 import _V16F32, _V16I32, _V32I8, _V64I8, _byte_ptr, _mask, madd_pairs, rows_codegen
 from .jit import kernel
 
 _V16I8, _V16I16, _V32I16 = ir.VectorType(_I8, 16), ir.VectorType(_I16, 16), ir.VectorType(_I16, 32)
 _V8I32, _V8F32 = ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
+
+HAVE_KTILES = host_has("avx2", "fma", "f16c")
+"""Whether the compile target can run these tiles: AVX-512BW runs each 64-byte step as one
+register, AVX2 as two 32-byte halves (same integers, same float operations: same bits)."""
 
 _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"
 _BLOCK = {_Q2_K: 84, _Q3_K: 110, _Q4_K: 144, _Q5_K: 176, _Q6_K: 210}
@@ -191,8 +195,7 @@ def _emit_ktile(builder, kind, w_rows, toks, nb):
     """One tile's block loop; returns ``results[i][t]``. The float finish per format is in the
     module docstring (Q4_K and Q6_K: as :mod:`quant.avx2`, bit for bit)."""
     intp = nb.type
-    maddubs = _fn(builder, "llvm.x86.avx512.pmaddubs.w.512", _V32I16, [_V64I8, _V64I8])
-    maddwd512 = _fn(builder, "llvm.x86.avx512.pmaddw.d.512", _V16I32, [_V32I16, _V32I16])
+    madd = madd_pairs(builder)
     maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
     fma16 = _fn(builder, "llvm.fma.v16f32", _V16F32, [_V16F32, _V16F32, _V16F32])
     fma8 = _fn(builder, "llvm.fma.v8f32", _V8F32, [_V8F32, _V8F32, _V8F32])
@@ -231,7 +234,7 @@ def _emit_ktile(builder, kind, w_rows, toks, nb):
                 q = blk.q(k)
                 lanes = blk.scale_lanes(k)
                 for t, y in enumerate(ys):     # |q·y pair sum| ≤ 2·63·127: no saturation
-                    p = builder.call(maddwd512, [builder.call(maddubs, [q, y]), lanes])
+                    p = madd(q, y, lanes)
                     mains[i][t] = builder.add(mains[i][t], p)
         for t, tok in enumerate(toks):
             yd = _load(builder, tok.xd, builder.mul(b, ir.Constant(intp, 4)), _F32)

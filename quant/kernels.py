@@ -57,10 +57,12 @@ from .jit import kernel, num_threads, parallel_kernel
 from .kquants import QK_K, quantize_act_q8k
 from .legacy import QK, quantize_act_q8
 
-# Row dots on int8 activations for the hot formats: AVX-512 VNNI tiles (4 rows × 4 tokens per
-# step, bit-identical to AVX2) or AVX2 (vpmaddubsw) row dots where the CPU has it, else the
-# portable numba loops. Chosen once at import; numba's cache is keyed per CPU.
-HAVE_TILES = avx512.HAVE_AVX512_VNNI
+# Int8-activation row work: tiles of 4 rows × 4 tokens (quant.avx512, quant.avx512_kquants) where
+# the CPU has AVX2 (Q8_0's tile only with AVX-512 VNNI), else row dots: AVX2 (vpmaddubsw) for the
+# hot formats, portable numba loops for the rest. Chosen once at import; numba's cache is keyed
+# per CPU.
+HAVE_TILES = avx512.HAVE_TILES
+HAVE_Q8_0_TILE = avx512.HAVE_AVX512_VNNI
 if avx2.HAVE_AVX2:
     _idot_q8_0, _idot_q4_0, _idot_q4_1 = (avx2.idot_q8_0_avx2, avx2.idot_q4_0_avx2,
                                           avx2.idot_q4_1_avx2)
@@ -183,12 +185,21 @@ def _idot_rows_rowwise(qtype, w, r0, r1, xq, xd, xs, xn, out):
 
 
 @kernel
+def _q8_0_rowwise(w, r0, r1, xq, xd, xs, xn, out):
+    """Q8_0 where its tile cannot run (no VNNI): the row dots."""
+    _idot_rows_rowwise(_Q8_0, w, r0, r1, xq, xd, xs, xn, out)
+
+
+_q8_0_rows = avx512.rows_q8_0_avx512 if HAVE_Q8_0_TILE else _q8_0_rowwise
+
+
+@kernel
 def _idot_rows_tiled(qtype, w, r0, r1, xq, xd, xs, xn, out):
-    """As :func:`_idot_rows_rowwise`, in AVX-512 VNNI tiles (``xn`` filled by :func:`fill_xn`):
-    Q8_0/Q4_0/Q4_1 give the same bits as the AVX2 row dots, Q5_0/Q5_1 (portable row dots there)
-    the same sums in the AVX2 kernels' float order."""
+    """As :func:`_idot_rows_rowwise`, in tiles (``xn`` filled by :func:`fill_xn`): Q8_0/Q4_0/Q4_1
+    give the same bits as the AVX2 row dots, Q5_0/Q5_1 (portable row dots there) the same sums
+    in the AVX2 kernels' float order."""
     if qtype == _Q8_0:
-        avx512.rows_q8_0_avx512(w, r0, r1, xq, xd, xs, xn, out)
+        _q8_0_rows(w, r0, r1, xq, xd, xs, xn, out)
     elif qtype == _Q4_0:
         avx512.rows_q4_0_avx512(w, r0, r1, xq, xd, xs, xn, out)
     elif qtype == _Q4_1:
@@ -222,16 +233,17 @@ def _krows_tiled(qtype, w, r0, r1, xq, xd, xb, out):
 
 @kernel
 def _krows_none(qtype, w, r0, r1, xq, xd, xb, out):
-    """Stand-in where the CPU has no VNNI (:func:`has_ktile` is then always False)."""
+    """Stand-in where the CPU has no AVX2 (:func:`has_ktile` is then always False)."""
 
 
-krows_tiled = _krows_tiled if HAVE_TILES else _krows_none
+HAVE_KTILES = avx512_kquants.HAVE_KTILES
+krows_tiled = _krows_tiled if HAVE_KTILES else _krows_none
 
 
 @kernel
 def has_ktile(qtype):
-    """Whether :data:`krows_tiled` runs this K-quant (with VNNI: all of them)."""
-    return HAVE_TILES and uses_q8k_act(qtype)
+    """Whether :data:`krows_tiled` runs this K-quant (with AVX2 or AVX-512: all of them)."""
+    return HAVE_KTILES and uses_q8k_act(qtype)
 
 
 @kernel
@@ -239,7 +251,7 @@ def fill_xn(qtype, xq, xn):
     """The tiles' per-token ``xn`` table (:func:`quant.avx512.neg_group_sums`) where the chosen
     kernels read it; nothing otherwise."""
     if HAVE_TILES:
-        if qtype == _Q8_0:
+        if qtype == _Q8_0 and HAVE_Q8_0_TILE:
             avx512.neg_group_sums(xq, avx512.OFFSET_Q8_0, xn)
         elif qtype == _Q4_0:
             avx512.neg_group_sums(xq, avx512.OFFSET_Q4_0, xn)

@@ -138,8 +138,9 @@ def test_feature_check_honours_numba_cpu_features(monkeypatch):
     assert not avx2.host_has("avx512vnni")
 
 
-def test_matmul_dispatch_prefers_avx512_tiles_then_avx2():
-    assert (kernels.idot_rows is kernels._idot_rows_tiled) == avx512.HAVE_AVX512_VNNI
+def test_matmul_dispatch_prefers_tiles_then_row_dots():
+    assert (kernels.idot_rows is kernels._idot_rows_tiled) == avx512.HAVE_TILES
+    assert (kernels._q8_0_rows is avx512.rows_q8_0_avx512) == avx512.HAVE_AVX512_VNNI
     for name in HOT:
         if avx2.HAVE_AVX2:
             assert getattr(kernels, f"_idot_{name}") is getattr(avx2, f"idot_{name}_avx2")
@@ -243,3 +244,77 @@ def test_avx512_q4_k_q6_k_tiles_bit_identical_to_avx2(name):
         ref = np.array([[dot(w[r], xq[s_], xd[s_], xb[s_]) for r in range(rows)]
                         for s_ in range(n)], np.float32)
         np.testing.assert_array_equal(_bits(out), _bits(ref))
+
+
+_AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell",
+              "NUMBA_CPU_FEATURES": "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fsgsbase,"
+                                    "+lzcnt,+movbe,+popcnt,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,"
+                                    "+xsave"}
+
+_AVX2_CHECK = """
+import sys
+import numpy as np
+sys.path.insert(0, "tests")
+from cpuinfer.gguf import GGMLType
+from quant import avx2, avx512, avx512_kquants as K, kernels, kquants, legacy
+from quant_helpers import random_blocks
+assert K.HAVE_KTILES and not avx512._WIDE and kernels.has_ktile(int(GGMLType.Q4_K))
+rng = np.random.default_rng(3)
+for name in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"):
+    t = GGMLType[name.upper()]
+    for nb, rows, n in ((1, 1, 1), (2, 6, 5), (3, 9, 2)):
+        w = np.stack([random_blocks(rng, t, nb).reshape(-1) for _ in range(rows)])
+        x = rng.standard_normal((n, nb * 256)).astype(np.float32)
+        xq, xd = np.zeros((n, nb * 256), np.int8), np.zeros((n, nb), np.float32)
+        xb = np.zeros((n, nb * 16), np.int16)
+        for s in range(n):
+            kquants.quantize_act_q8k(x[s], xq[s], xd[s], xb[s])
+        out = np.full((n, rows), np.nan, np.float32)
+        getattr(K, f"rows_{name}_avx512")(w, 0, rows, xq, xd, xb, out)
+        dot = getattr(avx2, f"idot_{name}_avx2", None) or getattr(kquants, f"_idot_{name}")
+        ref = np.array([[dot(w[r], xq[s], xd[s], xb[s]) for r in range(rows)] for s in range(n)],
+                       np.float32)
+        if name in ("q4_k", "q6_k"):
+            assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), name
+        else:
+            np.testing.assert_allclose(out, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+for name, c in (("q4_0", 8), ("q4_1", 0), ("q5_0", 16), ("q5_1", 0)):
+    t = GGMLType[name.upper()]
+    assert avx512.HAVE_TILES and not avx512.HAVE_AVX512_VNNI
+    for nb, rows, n in ((1, 1, 1), (3, 6, 5), (9, 9, 2)):
+        w = np.stack([random_blocks(rng, t, nb).reshape(-1) for _ in range(rows)])
+        xq = rng.integers(-127, 128, (n, nb * 32)).astype(np.int8)
+        xd = (rng.random((n, nb)) * 0.05 + 1e-3).astype(np.float32)
+        xs = xd * xq.reshape(n, nb, 32).sum(axis=2, dtype=np.int32).astype(np.float32)
+        xn = np.zeros((n, nb * 8), np.int32)
+        for s in range(n):
+            avx512.neg_group_sums(xq[s], c, xn[s])
+        out = np.full((n, rows), np.nan, np.float32)
+        getattr(avx512, f"rows_{name}_avx512")(w, 0, rows, xq, xd, xs, xn, out)
+        dot = getattr(avx2, f"idot_{name}_avx2", None) or getattr(legacy, f"_idot_{name}")
+        ref = np.array([[dot(w[r], xq[s], xd[s], xs[s]) for r in range(rows)] for s in range(n)],
+                       np.float32)
+        if name in ("q4_0", "q4_1"):
+            assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), name
+        else:
+            np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+assert kernels.idot_rows is kernels._idot_rows_tiled
+assert kernels._q8_0_rows is kernels._q8_0_rowwise
+print("OK")
+"""
+
+
+@pytest.mark.skipif(not avx2.HAVE_AVX2, reason="this CPU cannot run AVX2 code")
+def test_tiles_compiled_for_an_avx2_only_cpu(tmp_path):
+    """Compiled for an AVX2-only CPU (Zen 2/3 EPYC, Haswell) the tiles run each 64-byte step as
+    two 32-byte halves (``vpmaddubsw``/``vpmaddwd`` for ``vpdpbusd``): the AVX2 row dots' bits
+    for Q4_0/Q4_1/Q4_K/Q6_K, the portable dots' sums for the others; Q8_0 stays on its row dot
+    (a separate process: numba's target CPU is fixed per process)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), **_AVX2_ONLY)
+    r = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True,
+                       text=True, timeout=900, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]

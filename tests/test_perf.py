@@ -46,6 +46,8 @@ CASES = [
     ("llama-q4_0-t2", "llama-q4_0", 2, 32, 16, 3),
     ("llama-q8_0-t1", "llama-q8_0", 1, 32, 16, 3),
     ("llama-q8_0-t2", "llama-q8_0", 2, 32, 16, 3),
+    ("llama-q4_k-t1", "llama-q4_k_m", 1, 32, 16, 3),     # pure: every matrix Q4_K
+    ("llama-q4_k-t2", "llama-q4_k_m", 2, 32, 16, 3),
     ("smollm2-t1", "smollm2", 1, 64, 32, 5),
     ("smollm2-t2", "smollm2", 2, 64, 32, 5),
 ]

@@ -15,15 +15,16 @@ block 2j low | high, block 2j+1 low | high)::
     Q4_x  per block the 16 bytes of qs loaded twice, the second copy shifted right by 4,
           then & 0x0F: low nibbles ‖ high nibbles      (Q4_0 block 18 bytes, qs at +2;
                                                         Q4_1 block 20 bytes, qs at +4)
-    p   = vpdpbusd(xn[t, 16j : 16j + 16], q, y)        16 × int32: lane i of block half h is
+    p   = vpdpbusd(base, q, y)                         16 × int32: lane i of block half h is
                                                         the exact sum over bytes 4i..4i+3
           Q8_0: Σ (w + 128)·y − 128·Σ y = Σ w·y;   Q4_0: Σ q·y − 8·Σ y = Σ (q − 8)·y;
-          Q4_1: xn unused (0): Σ q·y
+          Q4_1/Q5_1: base 0: Σ q·y
     acc = fma(float(p), [d_2j·xd[t, 2j]] × 8 ‖ [d_2j+1·xd[t, 2j+1]] × 8, acc)
 
-``xn`` (int32 ``[n, k/4]``, :func:`neg_group_sums`) holds ``−c·Σ`` of each 4 activation bytes,
-``c`` = 128 for Q8_0 and 8 for Q4_0: the weight-independent half of the offset, computed once per
-token instead of once per row.
+``base`` = −c·Σ of each 4 activation bytes (c = 128 for Q8_0, 8 for Q4_0, 16 for Q5_0), one
+``vpdpbusd`` with the constant bytes c per token and pair, shared by the tile's rows. (It was a
+per-token table; at k ≥ 7168 the table and the 4 streaming rows no longer fit L1 together and
+Q4_0 fell from 21 to 16 GB/s per core.)
 
 The AVX2 kernel keeps two 8-lane chains, even blocks and odd blocks, and adds an odd last block
 to the even chain; its ``vpmaddubsw``/``vpmaddwd`` pair yields the same 8 exact int32 lane sums
@@ -62,10 +63,7 @@ _LAYOUT = {**_AVX2_LAYOUT, _Q5_0: (22, 6), _Q5_1: (24, 8)}   # kind -> (block by
 _QH_OFFSET = {_Q5_0: 2, _Q5_1: 4}       # Q5: byte offset of the uint32 of high bits
 _HAS_MIN = (_Q4_1, _Q5_1)               # x = d·q + m: the m·xs term
 
-OFFSET_Q8_0, OFFSET_Q4_0, OFFSET_Q5_0 = 128, 8, 16
-"""The ``c`` of :func:`neg_group_sums` that the Q8_0, Q4_0 and Q5_0 tiles read (Q4_1 and Q5_1
-read no ``xn``)."""
-_OFFSET = {_Q8_0: OFFSET_Q8_0, _Q4_0: OFFSET_Q4_0, _Q5_0: OFFSET_Q5_0, _Q4_1: 0, _Q5_1: 0}
+_OFFSET = {_Q8_0: 128, _Q4_0: 8, _Q5_0: 16, _Q4_1: 0, _Q5_1: 0}   # q − c is the signed quant
 
 TILE_ROWS, TILE_TOKENS = 4, 4
 """The large tile; leftover rows and tokens run in 1-row / 1-token tiles."""
@@ -153,14 +151,13 @@ def _unpack_pair(builder, kind, w_ptr, j, single=False):
 
 
 class _Token:
-    """Pointers of one token's activation tables (rows of the 2-D ``xq``, ``xd``, ``xs``, ``xn``)."""
+    """Pointers of one token's activation tables (rows of the 2-D ``xq``, ``xd``, ``xs``)."""
 
     def __init__(self, builder, arrays, t):
-        xq, xd, xs, xn = ((a.data, cgutils.unpack_tuple(builder, a.strides, 2)[0]) for a in arrays)
+        xq, xd, xs = ((a.data, cgutils.unpack_tuple(builder, a.strides, 2)[0]) for a in arrays)
         self.x = _byte_ptr(builder, xq[0], builder.mul(t, xq[1]))
         self.xd = _byte_ptr(builder, xd[0], builder.mul(t, xd[1]))
         self.xs = _byte_ptr(builder, xs[0], builder.mul(t, xs[1]))
-        self.xn = _byte_ptr(builder, xn[0], builder.mul(t, xn[1]))
 
 
 def madd_pairs(builder):
@@ -208,8 +205,9 @@ def _step(builder, kind, w_rows, toks, j, accs, extras, single=False):
     for t, tok in enumerate(toks):
         y = builder.bitcast(_load_two(builder, tok.x, at64, _V32I8, single), _V16I32)
         base = ir.Constant(_V16I32, [0] * 16)
-        if _OFFSET[kind]:
-            base = _load_two(builder, tok.xn, at64, ir.VectorType(_I32, 8), single)
+        if _OFFSET[kind]:                   # −c·Σ of each 4 activation bytes, once per token
+            c_bytes = builder.bitcast(ir.Constant(_V64I8, [_OFFSET[kind]] * 64), _V16I32)
+            base = builder.sub(base, dot(base, c_bytes, y))
         f4 = builder.mul(b0, ir.Constant(intp, 4))
         xd2 = _load_two(builder, tok.xd, f4, ir.VectorType(_F32, 1), single)
         xs2 = None
@@ -321,81 +319,72 @@ def rows_codegen(emit_tile, make_token, tile_rows, tile_tokens):
     return codegen
 
 
-def _check_rows_sig(w, r0, r1, xq, xd, xs, xn, out):
+def _check_rows_sig(w, r0, r1, xq, xd, xs, out):
     def arr(a, dtype, ndim):
         return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == ndim
     return (arr(w, types.uint8, 2) and isinstance(r0, types.Integer)
             and isinstance(r1, types.Integer) and arr(xq, types.int8, 2)
             and arr(xd, types.float32, 2) and arr(xs, types.float32, 2)
-            and arr(xn, types.int32, 2) and arr(out, types.float32, 2))
+            and arr(out, types.float32, 2))
 
 
 @intrinsic
-def _rows_q8_0(typingctx, w, r0, r1, xq, xd, xs, xn, out):
-    if _check_rows_sig(w, r0, r1, xq, xd, xs, xn, out):
-        return types.void(w, r0, r1, xq, xd, xs, xn, out), _rows_codegen(_Q8_0)
+def _rows_q8_0(typingctx, w, r0, r1, xq, xd, xs, out):
+    if _check_rows_sig(w, r0, r1, xq, xd, xs, out):
+        return types.void(w, r0, r1, xq, xd, xs, out), _rows_codegen(_Q8_0)
 
 
 @intrinsic
-def _rows_q4_0(typingctx, w, r0, r1, xq, xd, xs, xn, out):
-    if _check_rows_sig(w, r0, r1, xq, xd, xs, xn, out):
-        return types.void(w, r0, r1, xq, xd, xs, xn, out), _rows_codegen(_Q4_0)
+def _rows_q4_0(typingctx, w, r0, r1, xq, xd, xs, out):
+    if _check_rows_sig(w, r0, r1, xq, xd, xs, out):
+        return types.void(w, r0, r1, xq, xd, xs, out), _rows_codegen(_Q4_0)
 
 
 @intrinsic
-def _rows_q4_1(typingctx, w, r0, r1, xq, xd, xs, xn, out):
-    if _check_rows_sig(w, r0, r1, xq, xd, xs, xn, out):
-        return types.void(w, r0, r1, xq, xd, xs, xn, out), _rows_codegen(_Q4_1)
+def _rows_q4_1(typingctx, w, r0, r1, xq, xd, xs, out):
+    if _check_rows_sig(w, r0, r1, xq, xd, xs, out):
+        return types.void(w, r0, r1, xq, xd, xs, out), _rows_codegen(_Q4_1)
 
 
 @intrinsic
-def _rows_q5_0(typingctx, w, r0, r1, xq, xd, xs, xn, out):
-    if _check_rows_sig(w, r0, r1, xq, xd, xs, xn, out):
-        return types.void(w, r0, r1, xq, xd, xs, xn, out), _rows_codegen(_Q5_0)
+def _rows_q5_0(typingctx, w, r0, r1, xq, xd, xs, out):
+    if _check_rows_sig(w, r0, r1, xq, xd, xs, out):
+        return types.void(w, r0, r1, xq, xd, xs, out), _rows_codegen(_Q5_0)
 
 
 @intrinsic
-def _rows_q5_1(typingctx, w, r0, r1, xq, xd, xs, xn, out):
-    if _check_rows_sig(w, r0, r1, xq, xd, xs, xn, out):
-        return types.void(w, r0, r1, xq, xd, xs, xn, out), _rows_codegen(_Q5_1)
+def _rows_q5_1(typingctx, w, r0, r1, xq, xd, xs, out):
+    if _check_rows_sig(w, r0, r1, xq, xd, xs, out):
+        return types.void(w, r0, r1, xq, xd, xs, out), _rows_codegen(_Q5_1)
 
 
 @kernel
-def rows_q8_0_avx512(w, r0, r1, xq, xd, xs, xn, out):
+def rows_q8_0_avx512(w, r0, r1, xq, xd, xs, out):
     """``out[t, r] = W[r] · x_t`` (Q8_0 rows ``r0..r1`` of ``w``, every token of the 2-D int8
-    tables; ``xn`` from ``neg_group_sums(xq, 128, xn)``); each value equals
+    tables); each value equals
     ``avx2.idot_q8_0_avx2(w[r], xq[t], xd[t], xs[t])`` bit for bit."""
-    _rows_q8_0(w, r0, r1, xq, xd, xs, xn, out)
+    _rows_q8_0(w, r0, r1, xq, xd, xs, out)
 
 
 @kernel
-def rows_q4_0_avx512(w, r0, r1, xq, xd, xs, xn, out):
-    """As :func:`rows_q8_0_avx512` for Q4_0 (``xn`` from ``neg_group_sums(xq, 8, xn)``)."""
-    _rows_q4_0(w, r0, r1, xq, xd, xs, xn, out)
+def rows_q4_0_avx512(w, r0, r1, xq, xd, xs, out):
+    """As :func:`rows_q8_0_avx512` for Q4_0."""
+    _rows_q4_0(w, r0, r1, xq, xd, xs, out)
 
 
 @kernel
-def rows_q4_1_avx512(w, r0, r1, xq, xd, xs, xn, out):
-    """As :func:`rows_q8_0_avx512` for Q4_1 (``xn`` unused)."""
-    _rows_q4_1(w, r0, r1, xq, xd, xs, xn, out)
+def rows_q4_1_avx512(w, r0, r1, xq, xd, xs, out):
+    """As :func:`rows_q8_0_avx512` for Q4_1."""
+    _rows_q4_1(w, r0, r1, xq, xd, xs, out)
 
 
 @kernel
-def rows_q5_0_avx512(w, r0, r1, xq, xd, xs, xn, out):
-    """As :func:`rows_q8_0_avx512` for Q5_0 (``xn`` from ``neg_group_sums(xq, 16, xn)``)."""
-    _rows_q5_0(w, r0, r1, xq, xd, xs, xn, out)
+def rows_q5_0_avx512(w, r0, r1, xq, xd, xs, out):
+    """As :func:`rows_q8_0_avx512` for Q5_0 (the portable dot's sums, AVX2 float order)."""
+    _rows_q5_0(w, r0, r1, xq, xd, xs, out)
 
 
 @kernel
-def rows_q5_1_avx512(w, r0, r1, xq, xd, xs, xn, out):
-    """As :func:`rows_q8_0_avx512` for Q5_1 (``xn`` unused)."""
-    _rows_q5_1(w, r0, r1, xq, xd, xs, xn, out)
-
-
-@kernel
-def neg_group_sums(xq, c, xn):
-    """``xn[i] = −c · (xq[4i] + xq[4i+1] + xq[4i+2] + xq[4i+3])`` for one token (int32)."""
-    for i in range(xn.shape[0]):
-        s = (np.int32(xq[4 * i]) + np.int32(xq[4 * i + 1]) + np.int32(xq[4 * i + 2])
-             + np.int32(xq[4 * i + 3]))
-        xn[i] = -np.int32(c) * s
+def rows_q5_1_avx512(w, r0, r1, xq, xd, xs, out):
+    """As :func:`rows_q8_0_avx512` for Q5_1 (the portable dot's sums, AVX2 float order)."""
+    _rows_q5_1(w, r0, r1, xq, xd, xs, out)

@@ -14,7 +14,7 @@ compiled call::
     matvec_stack(qtype, ws, sel, x, out, scratch)  # out[j] = ws[sel[j]] · x[j], one region
     get_rows_kernel(qtype, w, ids, out)        # out[i] = dequant(W[ids[i]])
     dot_rows(qtype, w, r0, r1, x, out)         # serial pieces of the above, for fused kernels
-    idot_rows(qtype, w, r0, r1, xq, xd, xs, out)
+    idot_rows(qtype, w, r0, r1, xq, xd, xs, out)    # 2-D tables: all tokens
     idot_rows_k(qtype, w, r0, r1, xq, xd, xb, out)
     act_tables(scratch, n, k) / quantize_act_q8(x, xq, xd, xs)
     act_tables_k(scratch, n, k) / quantize_act_q8k(x, xq, xd, xb)
@@ -29,12 +29,11 @@ tiles of 4 rows (× 4 tokens for the legacy formats) — :mod:`quant.avx512`,
 :mod:`quant.avx2` (the tiles give their bits) and the rest in portable numba loops. The float
 formats use the ``_dot_<f>`` row functions.
 
-Scratch layout (bytes, ``n`` tokens, ``nb = k / 32``), four row-major tables back to back::
+Scratch layout (bytes, ``n`` tokens, ``nb = k / 32``), three row-major tables back to back::
 
     [0, n·k)                 xq  int8    [n, k]   quantized activations
     [n·k, n·k + 4·n·nb)      xd  float32 [n, nb]  per-block scale
     [n·k + 4·n·nb, +4·n·nb)  xs  float32 [n, nb]  per-block scale · Σ xq
-    [.., + n·k)              xn  int32   [n, k/4] −c · Σ of each 4 xq (the tiles' offset)
 
 and for the K-quants (``nk = k / 256``)::
 
@@ -161,10 +160,10 @@ def dot_rows(qtype, w, r0, r1, x, out):
 
 
 @kernel
-def _idot_rows_rowwise(qtype, w, r0, r1, xq, xd, xs, xn, out):
+def _idot_rows_rowwise(qtype, w, r0, r1, xq, xd, xs, out):
     """``out[t, r] = W[r] · x_t`` for rows ``r0 <= r < r1`` and every token ``t``, legacy
-    formats, int8 activations (2-D tables as made by :func:`quant.legacy.quantize_act_q8`;
-    ``xn`` unused), one row dot at a time."""
+    formats, int8 activations (2-D tables as made by :func:`quant.legacy.quantize_act_q8`), one
+    row dot at a time."""
     for t in range(xq.shape[0]):
         xq_t, xd_t, xs_t, out_t = xq[t], xd[t], xs[t], out[t]
         if qtype == _Q8_0:
@@ -185,33 +184,33 @@ def _idot_rows_rowwise(qtype, w, r0, r1, xq, xd, xs, xn, out):
 
 
 @kernel
-def _q8_0_rowwise(w, r0, r1, xq, xd, xs, xn, out):
+def _q8_0_rowwise(w, r0, r1, xq, xd, xs, out):
     """Q8_0 where its tile cannot run (no VNNI): the row dots."""
-    _idot_rows_rowwise(_Q8_0, w, r0, r1, xq, xd, xs, xn, out)
+    _idot_rows_rowwise(_Q8_0, w, r0, r1, xq, xd, xs, out)
 
 
 _q8_0_rows = avx512.rows_q8_0_avx512 if HAVE_Q8_0_TILE else _q8_0_rowwise
 
 
 @kernel
-def _idot_rows_tiled(qtype, w, r0, r1, xq, xd, xs, xn, out):
-    """As :func:`_idot_rows_rowwise`, in tiles (``xn`` filled by :func:`fill_xn`): Q8_0/Q4_0/Q4_1
+def _idot_rows_tiled(qtype, w, r0, r1, xq, xd, xs, out):
+    """As :func:`_idot_rows_rowwise`, in tiles: Q8_0/Q4_0/Q4_1
     give the same bits as the AVX2 row dots, Q5_0/Q5_1 (portable row dots there) the same sums
     in the AVX2 kernels' float order."""
     if qtype == _Q8_0:
-        _q8_0_rows(w, r0, r1, xq, xd, xs, xn, out)
+        _q8_0_rows(w, r0, r1, xq, xd, xs, out)
     elif qtype == _Q4_0:
-        avx512.rows_q4_0_avx512(w, r0, r1, xq, xd, xs, xn, out)
+        avx512.rows_q4_0_avx512(w, r0, r1, xq, xd, xs, out)
     elif qtype == _Q4_1:
-        avx512.rows_q4_1_avx512(w, r0, r1, xq, xd, xs, xn, out)
+        avx512.rows_q4_1_avx512(w, r0, r1, xq, xd, xs, out)
     elif qtype == _Q5_0:
-        avx512.rows_q5_0_avx512(w, r0, r1, xq, xd, xs, xn, out)
+        avx512.rows_q5_0_avx512(w, r0, r1, xq, xd, xs, out)
     elif qtype == _Q5_1:
-        avx512.rows_q5_1_avx512(w, r0, r1, xq, xd, xs, xn, out)
+        avx512.rows_q5_1_avx512(w, r0, r1, xq, xd, xs, out)
 
 
 idot_rows = _idot_rows_tiled if HAVE_TILES else _idot_rows_rowwise
-"""``idot_rows(qtype, w, r0, r1, xq, xd, xs, xn, out)``: ``out[t, r] = W[r] · x_t`` for rows
+"""``idot_rows(qtype, w, r0, r1, xq, xd, xs, out)``: ``out[t, r] = W[r] · x_t`` for rows
 ``r0 <= r < r1`` and every token of the 2-D int8 activation tables (:func:`act_tables`)."""
 
 
@@ -244,19 +243,6 @@ krows_tiled = _krows_tiled if HAVE_KTILES else _krows_none
 def has_ktile(qtype):
     """Whether :data:`krows_tiled` runs this K-quant (with AVX2 or AVX-512: all of them)."""
     return HAVE_KTILES and uses_q8k_act(qtype)
-
-
-@kernel
-def fill_xn(qtype, xq, xn):
-    """The tiles' per-token ``xn`` table (:func:`quant.avx512.neg_group_sums`) where the chosen
-    kernels read it; nothing otherwise."""
-    if HAVE_TILES:
-        if qtype == _Q8_0 and HAVE_Q8_0_TILE:
-            avx512.neg_group_sums(xq, avx512.OFFSET_Q8_0, xn)
-        elif qtype == _Q4_0:
-            avx512.neg_group_sums(xq, avx512.OFFSET_Q4_0, xn)
-        elif qtype == _Q5_0:
-            avx512.neg_group_sums(xq, avx512.OFFSET_Q5_0, xn)
 
 
 @kernel
@@ -317,7 +303,7 @@ def dequant_row(qtype, row, out):
 def act_scratch_bytes(qtype, n, k):
     """Bytes of scratch ``matmul_kernel`` needs for ``n`` tokens of ``k`` values (0 if none)."""
     if uses_q8_act(qtype):
-        return n * (2 * k + 8 * (k // QK))
+        return n * (k + 8 * (k // QK))
     if uses_q8k_act(qtype):
         return n * (k + 4 * (k // QK_K) + 2 * (k // 16))
     return 0
@@ -325,17 +311,14 @@ def act_scratch_bytes(qtype, n, k):
 
 @kernel
 def act_tables(scratch, n, k):
-    """(xq int8[n, k], xd float32[n, k/32], xs float32[n, k/32], xn int32[n, k/4]) laid out in
-    ``scratch``."""
+    """(xq int8[n, k], xd float32[n, k/32], xs float32[n, k/32]) laid out in ``scratch``."""
     nb = k // QK
     q_end = n * k
     d_end = q_end + 4 * n * nb
-    s_end = d_end + 4 * n * nb
     xq = scratch[:q_end].view(np.int8).reshape((n, k))
     xd = scratch[q_end:d_end].view(np.float32).reshape((n, nb))
-    xs = scratch[d_end:s_end].view(np.float32).reshape((n, nb))
-    xn = scratch[s_end:s_end + n * k].view(np.int32).reshape((n, k // 4))
-    return xq, xd, xs, xn
+    xs = scratch[d_end:d_end + 4 * n * nb].view(np.float32).reshape((n, nb))
+    return xq, xd, xs
 
 
 @kernel
@@ -373,9 +356,8 @@ def prepare_acts(qtype, x, scratch, t):
     read them (:func:`act_tables` / :func:`act_tables_k`; nothing for the float formats)."""
     n, k = x.shape
     if uses_q8_act(qtype):
-        xq, xd, xs, xn = act_tables(scratch, n, k)
+        xq, xd, xs = act_tables(scratch, n, k)
         quantize_act_q8(x[t], xq[t], xd[t], xs[t])
-        fill_xn(qtype, xq[t], xn[t])
     elif uses_q8k_act(qtype):
         kq, kd, kb = act_tables_k(scratch, n, k)
         quantize_act_q8k(x[t], kq[t], kd[t], kb[t])
@@ -394,10 +376,10 @@ def mul_chunks(qtype, w, c0, c1, x, out, scratch):
     rows = w.shape[0]
     r0, r1 = c0 * ROW_TILE, min(rows, c1 * ROW_TILE)
     if uses_q8_act(qtype):
-        xq, xd, xs, xn = act_tables(scratch, n, k)
+        xq, xd, xs = act_tables(scratch, n, k)
         for t0 in range(0, n, TOKEN_BLOCK):
             t1 = min(n, t0 + TOKEN_BLOCK)
-            idot_rows(qtype, w, r0, r1, xq[t0:t1], xd[t0:t1], xs[t0:t1], xn[t0:t1], out[t0:t1])
+            idot_rows(qtype, w, r0, r1, xq[t0:t1], xd[t0:t1], xs[t0:t1], out[t0:t1])
         return
     q8k = uses_q8k_act(qtype)
     kq, kd, kb = act_tables_k(scratch, n if q8k else 0, k)

@@ -12,7 +12,6 @@ from quant import avx2, avx512, kernels, legacy
 from quant_helpers import random_blocks
 
 HOT = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_1": GGMLType.Q4_1}
-OFFSET = {"q8_0": avx512.OFFSET_Q8_0, "q4_0": avx512.OFFSET_Q4_0, "q4_1": 0}
 needs_vnni = pytest.mark.skipif(not avx512.HAVE_AVX512_VNNI,
                                 reason="compile target lacks avx512f/bw/vl/vnni")
 
@@ -32,17 +31,10 @@ def _activations(rng, n: int, nb: int, extreme: bool):
     return xq, xd, xs
 
 
-def _xn(name, xq):
-    xn = np.zeros((xq.shape[0], xq.shape[1] // 4), np.int32)
-    for t in range(xq.shape[0]):
-        avx512.neg_group_sums(xq[t], OFFSET[name], xn[t])
-    return xn
-
-
 def _tiled(name, w, xq, xd, xs, r0=0, r1=None):
     r1 = w.shape[0] if r1 is None else r1
     out = np.full((xq.shape[0], w.shape[0]), np.nan, np.float32)
-    getattr(avx512, f"rows_{name}_avx512")(w, r0, r1, xq, xd, xs, _xn(name, xq), out)
+    getattr(avx512, f"rows_{name}_avx512")(w, r0, r1, xq, xd, xs, out)
     return out
 
 
@@ -50,13 +42,6 @@ def _rowwise(name, w, xq, xd, xs):
     dot = getattr(avx2, f"idot_{name}_avx2")
     return np.array([[dot(w[r], xq[t], xd[t], xs[t]) for r in range(w.shape[0])]
                      for t in range(xq.shape[0])], np.float32)
-
-
-def test_neg_group_sums():
-    xq = np.array([1, 2, 3, 4, -128, -128, 127, 0], np.int8)
-    xn = np.zeros(2, np.int32)
-    avx512.neg_group_sums(xq, 8, xn)
-    assert xn.tolist() == [-80, 8 * 129]
 
 
 @needs_vnni
@@ -114,7 +99,7 @@ def _fresh_asm(cached) -> str:
                        if k not in ("cache", "nopython")})(cached.py_func)
     w = np.zeros((4, 36), np.uint8)
     xq, xd, xs = np.zeros((1, 64), np.int8), np.ones((1, 2), np.float32), np.zeros((1, 2), np.float32)
-    fn(w, 0, 4, xq, xd, xs, np.zeros((1, 16), np.int32), np.zeros((1, 4), np.float32))
+    fn(w, 0, 4, xq, xd, xs, np.zeros((1, 4), np.float32))
     return "\n".join(fn.inspect_asm().values())
 
 
@@ -146,7 +131,7 @@ def test_matmul_dispatch_prefers_tiles_then_row_dots():
             assert getattr(kernels, f"_idot_{name}") is getattr(avx2, f"idot_{name}_avx2")
 
 
-Q5 = {"q5_0": (GGMLType.Q5_0, avx512.OFFSET_Q5_0), "q5_1": (GGMLType.Q5_1, 0)}
+Q5 = {"q5_0": GGMLType.Q5_0, "q5_1": GGMLType.Q5_1}
 
 
 @needs_vnni
@@ -154,17 +139,14 @@ Q5 = {"q5_0": (GGMLType.Q5_0, avx512.OFFSET_Q5_0), "q5_1": (GGMLType.Q5_1, 0)}
 def test_avx512_q5_tiles_match_portable_dots(name):
     """Q5_0/Q5_1 have no AVX2 row dot: the tiles equal the portable integer dot up to float
     order, and every tile shape gives the same bits for the same row and token."""
-    t, c = Q5[name]
+    t = Q5[name]
     rng = np.random.default_rng(8)
     portable = getattr(legacy, f"_idot_{name}")
     for nb, rows, n in ((1, 1, 1), (3, 5, 7), (6, 8, 5), (33, 9, 4), (128, 6, 2)):
         w = np.stack([random_blocks(rng, t, nb).reshape(-1) for _ in range(rows)])
         xq, xd, xs = _activations(rng, n, nb, extreme=False)
-        xn = np.zeros((n, nb * 8), np.int32)
-        for s_ in range(n):
-            avx512.neg_group_sums(xq[s_], c, xn[s_])
         out = np.full((n, rows), np.nan, np.float32)
-        getattr(avx512, f"rows_{name}_avx512")(w, 0, rows, xq, xd, xs, xn, out)
+        getattr(avx512, f"rows_{name}_avx512")(w, 0, rows, xq, xd, xs, out)
         ref = np.array([[portable(w[r], xq[s_], xd[s_], xs[s_]) for r in range(rows)]
                         for s_ in range(n)], np.float32)
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
@@ -172,7 +154,7 @@ def test_avx512_q5_tiles_match_portable_dots(name):
         for r in range(rows):
             for s_ in range(n):
                 getattr(avx512, f"rows_{name}_avx512")(w, r, r + 1, xq[s_:s_ + 1], xd[s_:s_ + 1],
-                                                       xs[s_:s_ + 1], xn[s_:s_ + 1],
+                                                       xs[s_:s_ + 1],
                                                        one[s_:s_ + 1])
         np.testing.assert_array_equal(_bits(out), _bits(one))
 
@@ -278,7 +260,7 @@ for name in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"):
             assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), name
         else:
             np.testing.assert_allclose(out, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
-for name, c in (("q4_0", 8), ("q4_1", 0), ("q5_0", 16), ("q5_1", 0)):
+for name in ("q4_0", "q4_1", "q5_0", "q5_1"):
     t = GGMLType[name.upper()]
     assert avx512.HAVE_TILES and not avx512.HAVE_AVX512_VNNI
     for nb, rows, n in ((1, 1, 1), (3, 6, 5), (9, 9, 2)):
@@ -286,11 +268,8 @@ for name, c in (("q4_0", 8), ("q4_1", 0), ("q5_0", 16), ("q5_1", 0)):
         xq = rng.integers(-127, 128, (n, nb * 32)).astype(np.int8)
         xd = (rng.random((n, nb)) * 0.05 + 1e-3).astype(np.float32)
         xs = xd * xq.reshape(n, nb, 32).sum(axis=2, dtype=np.int32).astype(np.float32)
-        xn = np.zeros((n, nb * 8), np.int32)
-        for s in range(n):
-            avx512.neg_group_sums(xq[s], c, xn[s])
         out = np.full((n, rows), np.nan, np.float32)
-        getattr(avx512, f"rows_{name}_avx512")(w, 0, rows, xq, xd, xs, xn, out)
+        getattr(avx512, f"rows_{name}_avx512")(w, 0, rows, xq, xd, xs, out)
         dot = getattr(avx2, f"idot_{name}_avx2", None) or getattr(legacy, f"_idot_{name}")
         ref = np.array([[dot(w[r], xq[s], xd[s], xs[s]) for r in range(rows)] for s in range(n)],
                        np.float32)

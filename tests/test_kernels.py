@@ -98,7 +98,7 @@ def test_matmul_uses_given_scratch_and_checks_its_size():
     w = _readonly(random_matrix(rng, t, rows, k))
     x = rng.standard_normal((n, k)).astype(np.float32)
     need = scratch_size(t, n, k)
-    assert need == n * (2 * k + 8 * (k // 32))   # xq, xn, xd, xs
+    assert need == n * (k + 8 * (k // 32))
     assert scratch_size(GGMLType.F16, n, k) == 0
     assert scratch_size(GGMLType.Q4_K, n, 512) == n * (512 + 4 * 2 + 2 * 32)   # q, d, bsums
     a, b = np.empty((n, rows), np.float32), np.empty((n, rows), np.float32)

@@ -208,12 +208,40 @@ def _bsplat(builder, byte, vtype):
     return ir.Constant(vtype, [byte] * vtype.count)
 
 
-def _isum(builder, v, n):
-    """Sum of the ``n`` int32 lanes of ``v`` (exact; order irrelevant)."""
-    total = builder.extract_element(v, ir.Constant(_I32, 0))
-    for t in range(1, n):
-        total = builder.add(total, builder.extract_element(v, ir.Constant(_I32, t)))
-    return total
+def isum(builder, v, n):
+    """Sum of the first ``n`` (a power of two) int32 lanes of ``v``: exact, so the order is free;
+    a shuffle tree (log2 n adds)."""
+    while n > 1:
+        n //= 2
+        lo = ir.Constant(ir.VectorType(_I32, n), list(range(n)))
+        hi = ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n)))
+        v = builder.add(builder.shuffle_vector(v, v, lo), builder.shuffle_vector(v, v, hi))
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def k4_scales_mins(builder, w_ptr, at):
+    """The 6-bit scales and mins of a Q4_K/Q5_K block whose 12 scale bytes start at byte ``at``
+    of ``w_ptr``, as 16 bytes: scales[0..7] ‖ mins[0..7] (ggml's ``utmp`` shuffle of
+    ``get_scale_min_k4``)."""
+    def c(v):
+        return ir.Constant(_I32, v)
+    u = [_load(builder, w_ptr, builder.add(at, ir.Constant(at.type, 4 * t)), _I32) for t in range(3)]
+    k1, k2, k3 = c(0x3F3F3F3F), c(0x0F0F0F0F), c(0x03030303)
+    u3 = builder.or_(builder.and_(builder.lshr(u[2], c(4)), k2),
+                     builder.shl(builder.and_(builder.lshr(u[1], c(6)), k3), c(4)))
+    uaux = builder.and_(u[1], k1)
+    u1 = builder.or_(builder.and_(u[2], k2),
+                     builder.shl(builder.and_(builder.lshr(u[0], c(6)), k3), c(4)))
+    u0 = builder.and_(u[0], k1)
+    return words_to_bytes(builder, [u0, u1, uaux, u3])
+
+
+def words_to_bytes(builder, words):
+    """Four int32 values → their 16 bytes (little-endian) as one vector."""
+    vec = ir.Constant(_V4I32, [0] * 4)
+    for t, w in enumerate(words):
+        vec = builder.insert_element(vec, w, ir.Constant(_I32, t))
+    return builder.bitcast(vec, _V16I8)
 
 
 def _kquant_codegen(kind):
@@ -267,25 +295,14 @@ def _kquant_codegen(kind):
                 dw, dmw = _halves(builder, w_ptr, wo, 2)
                 d = builder.fmul(dy, dw)
                 dmin = builder.fneg(builder.fmul(dy, dmw))
-                # utmp shuffle of get_scale_min_k4: 8 scales then 8 mins, one byte each
-                u = [_load(builder, w_ptr, builder.add(wo, c(4 + 4 * t)), _I32) for t in range(3)]
-                k1, k2, k3 = i32c(0x3F3F3F3F), i32c(0x0F0F0F0F), i32c(0x03030303)
-                u3 = builder.or_(builder.and_(builder.lshr(u[2], i32c(4)), k2),
-                                 builder.shl(builder.and_(builder.lshr(u[1], i32c(6)), k3), i32c(4)))
-                uaux = builder.and_(u[1], k1)
-                u1 = builder.or_(builder.and_(u[2], k2),
-                                 builder.shl(builder.and_(builder.lshr(u[0], i32c(6)), k3), i32c(4)))
-                u0 = builder.and_(u[0], k1)
-                words = ir.Constant(_V4I32, [0] * 4)
-                for t, v in enumerate((u0, u1, uaux, u3)):
-                    words = builder.insert_element(words, v, i32c(t))
-                ms = builder.zext(builder.bitcast(words, _V16I8), _V16I16)     # scales | mins
+                ms = builder.zext(k4_scales_mins(builder, w_ptr, builder.add(wo, c(4))),
+                                  _V16I16)                                      # scales | mins
                 mins = builder.shuffle_vector(ms, ms, ir.Constant(ir.VectorType(_I32, 8), list(range(8, 16))))
                 bs = _load(builder, b_ptr, builder.mul(i, c(32)), _V16I16)   # bsums[16]
                 ev = builder.shuffle_vector(bs, bs, ir.Constant(ir.VectorType(_I32, 8), list(range(0, 16, 2))))
                 od = builder.shuffle_vector(bs, bs, ir.Constant(ir.VectorType(_I32, 8), list(range(1, 16, 2))))
                 prod = builder.call(maddwd128, [mins, builder.add(ev, od)])     # hadd, madd
-                summ = _isum(builder, prod, 4)
+                summ = isum(builder, prod, 4)
                 builder.store(builder.call(fma1, [dmin, builder.sitofp(summ, _F32),
                                                   builder.load(accm_p)]), accm_p)
                 for j in range(4):
@@ -334,7 +351,7 @@ def _kquant_codegen(kind):
                     sumi = builder.add(sumi, builder.add(p[2], p[3]))
                 sumi = builder.sub(sumi, sclsub)
             if kind == "q4_k":       # one exact block total per row, as ggml's repacked Q4_K
-                builder.store(builder.call(fma1, [d, builder.sitofp(_isum(builder, sumi, 8), _F32),
+                builder.store(builder.call(fma1, [d, builder.sitofp(isum(builder, sumi, 8), _F32),
                                                   builder.load(acc1_p)]), acc1_p)
             else:
                 builder.store(builder.call(fma, [_splat(builder, d, _V8F32),

@@ -40,7 +40,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .avx2 import _F32, _I8, _I16, _I32, _I64, _fn, _hsum8, _load, host_has
+from .avx2 import (_F32, _I8, _I16, _I32, _fn, _halves, _hsum8, _load, _splat, host_has, isum,
+                   k4_scales_mins, words_to_bytes)
 from .avx512 import _V16F32, _V16I32, _V32I8, _V64I8, _byte_ptr, _mask, madd_pairs, rows_codegen
 from .jit import kernel
 
@@ -73,16 +74,8 @@ def _bits(builder, v64, shift_lo, shift_hi, mask):
     return builder.and_(builder.bitcast(shifted, _V64I8), ir.Constant(_V64I8, [mask] * 64))
 
 
-def _words_to_bytes(builder, words):
-    vec = ir.Constant(ir.VectorType(_I32, 4), [0] * 4)
-    for t, w in enumerate(words):
-        vec = builder.insert_element(vec, w, _c(t))
-    return builder.bitcast(vec, _V16I8)
-
-
 def _half(builder, w_ptr, off):
-    bits = builder.bitcast(_load(builder, w_ptr, off, _I16), ir.HalfType())
-    return builder.fpext(bits, _F32)
+    return _halves(builder, w_ptr, off, 1)[0]
 
 
 class _Block:
@@ -109,8 +102,8 @@ class _Block:
                 lo = builder.and_(builder.lshr(word, _c(shift_lo)), k2)
                 hi = builder.shl(builder.and_(builder.lshr(aux[2], _c(tshift)), k1), _c(4))
                 return builder.or_(lo, hi)
-            raw = _words_to_bytes(builder, [part(aux[0], 0, 0), part(aux[1], 0, 2),
-                                            part(aux[0], 4, 4), part(aux[1], 4, 6)])
+            raw = words_to_bytes(builder, [part(aux[0], 0, 0), part(aux[1], 0, 2),
+                                           part(aux[0], 4, 4), part(aux[1], 4, 6)])
             signed = builder.sub(raw, ir.Constant(_V16I8, [32] * 16))
             self.scales = builder.sext(signed, _V16I16)
             self.coef = builder.sext(signed, _V16I16)
@@ -125,16 +118,8 @@ class _Block:
             self.d = _half(builder, w_ptr, at(208))
             self.c = None                       # the −32 offset is taken in the int lanes
             self.sub = 16
-        else:                                   # Q4_K/Q5_K: get_scale_min_k4 as 4 words (utmp)
-            u = [_load(builder, w_ptr, at(4 + 4 * t), _I32) for t in range(3)]
-            k1, k2, k3 = _c(0x3F3F3F3F), _c(0x0F0F0F0F), _c(0x03030303)
-            u3 = builder.or_(builder.and_(builder.lshr(u[2], _c(4)), k2),
-                             builder.shl(builder.and_(builder.lshr(u[1], _c(6)), k3), _c(4)))
-            uaux = builder.and_(u[1], k1)
-            u1 = builder.or_(builder.and_(u[2], k2),
-                             builder.shl(builder.and_(builder.lshr(u[0], _c(6)), k3), _c(4)))
-            u0 = builder.and_(u[0], k1)
-            sm = _words_to_bytes(builder, [u0, u1, uaux, u3])        # scales[8] ‖ mins[8]
+        else:                                   # Q4_K/Q5_K: get_scale_min_k4
+            sm = k4_scales_mins(builder, w_ptr, at(4))                # scales[8] ‖ mins[8]
             self.scales = builder.zext(sm, _V16I16)                   # lanes 0..7 used
             mins = builder.shuffle_vector(sm, sm, _mask([8 + i // 2 for i in range(16)]))
             self.coef = builder.zext(mins, _V16I16)
@@ -202,20 +187,9 @@ def _emit_ktile(builder, kind, w_rows, toks, nb):
     fma1 = _fn(builder, "llvm.fma.f32", _F32, [_F32, _F32, _F32])
     zero = ir.Constant(_V16I32, [0] * 16)
 
-    def splat(v, vt):
-        first = builder.insert_element(ir.Constant(vt, ir.Undefined), v, _c(0))
-        return builder.shuffle_vector(first, ir.Constant(vt, ir.Undefined), _mask([0] * vt.count))
-
     def fold8(v16):                             # lanes i + (i + 8): two 32-byte steps in one
         return builder.add(builder.shuffle_vector(v16, v16, _mask(range(8))),
                            builder.shuffle_vector(v16, v16, _mask(range(8, 16))))
-
-    def isum(v, n):                         # exact, so any order: a shuffle tree
-        while n > 1:
-            n //= 2
-            v = builder.add(builder.shuffle_vector(v, v, _mask(range(n))),
-                            builder.shuffle_vector(v, v, _mask(range(n, 2 * n))))
-        return builder.extract_element(v, _c(0))
 
     def acc_of(value):
         return [[cgutils.alloca_once_value(builder, value) for _ in toks] for _ in w_rows]
@@ -245,23 +219,25 @@ def _emit_ktile(builder, kind, w_rows, toks, nb):
                 main = mains[i][t]
                 if kind == _Q4_K:               # one exact total per block, scalar chains
                     accm, acc1 = accms[i][t], acc1s[i][t]
-                    builder.store(builder.call(fma1, [builder.fmul(yd, blk.c),
-                                                      builder.sitofp(isum(aux, 8), _F32),
+                    summ = builder.sitofp(isum(builder, aux, 8), _F32)
+                    total = builder.sitofp(isum(builder, fold8(main), 8), _F32)
+                    builder.store(builder.call(fma1, [builder.fmul(yd, blk.c), summ,
                                                       builder.load(accm)]), accm)
-                    builder.store(builder.call(fma1, [dd, builder.sitofp(isum(fold8(main), 8), _F32),
-                                                      builder.load(acc1)]), acc1)
+                    builder.store(builder.call(fma1, [dd, total, builder.load(acc1)]), acc1)
                 elif kind == _Q6_K:             # ggml's 8 lanes, the −32 offset from the bsums
                     sumi = builder.sub(fold8(main), builder.shl(aux, ir.Constant(_V8I32, [5] * 8)))
                     acc8 = acc8s[i][t]
-                    builder.store(builder.call(fma8, [splat(dd, _V8F32),
+                    builder.store(builder.call(fma8, [_splat(builder, dd, _V8F32),
                                                       builder.sitofp(sumi, _V8F32),
                                                       builder.load(acc8)]), acc8)
                 else:
                     acc, acc8 = accs[i][t], acc8s[i][t]
+                    cc = builder.fmul(yd, blk.c)
                     builder.store(builder.call(fma16, [builder.sitofp(main, _V16F32),
-                                                       splat(dd, _V16F32), builder.load(acc)]), acc)
+                                                       _splat(builder, dd, _V16F32),
+                                                       builder.load(acc)]), acc)
                     builder.store(builder.call(fma8, [builder.sitofp(aux, _V8F32),
-                                                      splat(builder.fmul(yd, blk.c), _V8F32),
+                                                      _splat(builder, cc, _V8F32),
                                                       builder.load(acc8)]), acc8)
     results = []
     for i in range(len(w_rows)):

@@ -364,23 +364,23 @@ def _kquant_codegen(kind):
     return codegen
 
 
-def _check_sig_k(row, xq, xd, xb):
-    return (isinstance(row, types.Array) and row.dtype == types.uint8 and row.layout == "C"
-            and isinstance(xq, types.Array) and xq.dtype == types.int8 and xq.layout == "C"
-            and isinstance(xd, types.Array) and xd.dtype == types.float32 and xd.layout == "C"
-            and isinstance(xb, types.Array) and xb.dtype == types.int16 and xb.layout == "C")
+def row_dot_intrinsic(name, codegen, last_dtype):
+    """The intrinsic ``name(row, xq, xd, x4) -> float32`` that ``codegen`` emits, typed for
+    C-contiguous uint8 ``row``, int8 ``xq``, float32 ``xd`` and ``x4`` of ``last_dtype`` (the
+    legacy formats' ``xs``, float32; the K-quants' ``xb``, int16)."""
+    def ok(a, dtype):
+        return isinstance(a, types.Array) and a.dtype == dtype and a.layout == "C"
+
+    def typer(typingctx, row, xq, xd, x4):
+        if (ok(row, types.uint8) and ok(xq, types.int8) and ok(xd, types.float32)
+                and ok(x4, last_dtype)):
+            return types.float32(row, xq, xd, x4), codegen
+    typer.__name__ = typer.__qualname__ = name        # distinct symbols per format
+    return intrinsic(typer)
 
 
-@intrinsic
-def _row_dot_q4_k(typingctx, row, xq, xd, xb):
-    if _check_sig_k(row, xq, xd, xb):
-        return types.float32(row, xq, xd, xb), _kquant_codegen("q4_k")
-
-
-@intrinsic
-def _row_dot_q6_k(typingctx, row, xq, xd, xb):
-    if _check_sig_k(row, xq, xd, xb):
-        return types.float32(row, xq, xd, xb), _kquant_codegen("q6_k")
+_row_dot_q4_k = row_dot_intrinsic("_row_dot_q4_k", _kquant_codegen("q4_k"), types.int16)
+_row_dot_q6_k = row_dot_intrinsic("_row_dot_q6_k", _kquant_codegen("q6_k"), types.int16)
 
 
 @kernel
@@ -395,29 +395,9 @@ def idot_q6_k_avx2(row, xq, xd, xb):
     return _row_dot_q6_k(row, xq, xd, xb)
 
 
-def _check_sig(row, xq, xd, xs):
-    return (isinstance(row, types.Array) and row.dtype == types.uint8 and row.layout == "C"
-            and isinstance(xq, types.Array) and xq.dtype == types.int8 and xq.layout == "C"
-            and isinstance(xd, types.Array) and xd.dtype == types.float32 and xd.layout == "C"
-            and isinstance(xs, types.Array) and xs.dtype == types.float32 and xs.layout == "C")
-
-
-@intrinsic
-def _row_dot_q8_0(typingctx, row, xq, xd, xs):
-    if _check_sig(row, xq, xd, xs):
-        return types.float32(row, xq, xd, xs), _row_dot_codegen(_Q8_0)
-
-
-@intrinsic
-def _row_dot_q4_0(typingctx, row, xq, xd, xs):
-    if _check_sig(row, xq, xd, xs):
-        return types.float32(row, xq, xd, xs), _row_dot_codegen(_Q4_0)
-
-
-@intrinsic
-def _row_dot_q4_1(typingctx, row, xq, xd, xs):
-    if _check_sig(row, xq, xd, xs):
-        return types.float32(row, xq, xd, xs), _row_dot_codegen(_Q4_1)
+_row_dot_q8_0 = row_dot_intrinsic("_row_dot_q8_0", _row_dot_codegen(_Q8_0), types.float32)
+_row_dot_q4_0 = row_dot_intrinsic("_row_dot_q4_0", _row_dot_codegen(_Q4_0), types.float32)
+_row_dot_q4_1 = row_dot_intrinsic("_row_dot_q4_1", _row_dot_codegen(_Q4_1), types.float32)
 
 
 @kernel

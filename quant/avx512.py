@@ -319,43 +319,29 @@ def rows_codegen(emit_tile, make_token, tile_rows, tile_tokens):
     return codegen
 
 
-def _check_rows_sig(w, r0, r1, xq, xd, xs, out):
-    def arr(a, dtype, ndim):
-        return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == ndim
-    return (arr(w, types.uint8, 2) and isinstance(r0, types.Integer)
-            and isinstance(r1, types.Integer) and arr(xq, types.int8, 2)
-            and arr(xd, types.float32, 2) and arr(xs, types.float32, 2)
-            and arr(out, types.float32, 2))
+def rows_intrinsic(name, codegen, table_dtypes):
+    """The intrinsic ``name(w, r0, r1, t0, t1, t2, out) -> None`` that ``codegen`` (a
+    :func:`rows_codegen`) emits, typed for uint8 rows ``w`` [rows, row_bytes], integer ``r0``,
+    ``r1``, three 2-D activation tables of ``table_dtypes`` and float32 ``out`` [n, rows]."""
+    def arr(a, dtype):
+        return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == 2
+
+    def typer(typingctx, w, r0, r1, t0, t1, t2, out):
+        tables = (t0, t1, t2)
+        if (arr(w, types.uint8) and isinstance(r0, types.Integer) and isinstance(r1, types.Integer)
+                and all(arr(a, d) for a, d in zip(tables, table_dtypes))
+                and arr(out, types.float32)):
+            return types.void(w, r0, r1, *tables, out), codegen
+    typer.__name__ = typer.__qualname__ = name        # distinct symbols per format
+    return intrinsic(typer)
 
 
-@intrinsic
-def _rows_q8_0(typingctx, w, r0, r1, xq, xd, xs, out):
-    if _check_rows_sig(w, r0, r1, xq, xd, xs, out):
-        return types.void(w, r0, r1, xq, xd, xs, out), _rows_codegen(_Q8_0)
-
-
-@intrinsic
-def _rows_q4_0(typingctx, w, r0, r1, xq, xd, xs, out):
-    if _check_rows_sig(w, r0, r1, xq, xd, xs, out):
-        return types.void(w, r0, r1, xq, xd, xs, out), _rows_codegen(_Q4_0)
-
-
-@intrinsic
-def _rows_q4_1(typingctx, w, r0, r1, xq, xd, xs, out):
-    if _check_rows_sig(w, r0, r1, xq, xd, xs, out):
-        return types.void(w, r0, r1, xq, xd, xs, out), _rows_codegen(_Q4_1)
-
-
-@intrinsic
-def _rows_q5_0(typingctx, w, r0, r1, xq, xd, xs, out):
-    if _check_rows_sig(w, r0, r1, xq, xd, xs, out):
-        return types.void(w, r0, r1, xq, xd, xs, out), _rows_codegen(_Q5_0)
-
-
-@intrinsic
-def _rows_q5_1(typingctx, w, r0, r1, xq, xd, xs, out):
-    if _check_rows_sig(w, r0, r1, xq, xd, xs, out):
-        return types.void(w, r0, r1, xq, xd, xs, out), _rows_codegen(_Q5_1)
+_TABLES = (types.int8, types.float32, types.float32)          # xq, xd, xs
+_rows_q8_0 = rows_intrinsic("_rows_q8_0", _rows_codegen(_Q8_0), _TABLES)
+_rows_q4_0 = rows_intrinsic("_rows_q4_0", _rows_codegen(_Q4_0), _TABLES)
+_rows_q4_1 = rows_intrinsic("_rows_q4_1", _rows_codegen(_Q4_1), _TABLES)
+_rows_q5_0 = rows_intrinsic("_rows_q5_0", _rows_codegen(_Q5_0), _TABLES)
+_rows_q5_1 = rows_intrinsic("_rows_q5_1", _rows_codegen(_Q5_1), _TABLES)
 
 
 @kernel

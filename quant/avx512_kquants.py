@@ -38,11 +38,11 @@ from __future__ import annotations
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
 
 from .avx2 import (_F32, _I8, _I16, _I32, _fn, _halves, _hsum8, _load, _splat, host_has, isum,
                    k4_scales_mins, words_to_bytes)
-from .avx512 import _V16F32, _V16I32, _V32I8, _V64I8, _byte_ptr, _mask, madd_pairs, rows_codegen
+from .avx512 import (_V16F32, _V16I32, _V32I8, _V64I8, _byte_ptr, _mask, madd_pairs, rows_codegen,
+                     rows_intrinsic)
 from .jit import kernel
 
 _V16I8, _V16I16, _V32I16 = ir.VectorType(_I8, 16), ir.VectorType(_I16, 16), ir.VectorType(_I16, 32)
@@ -262,42 +262,12 @@ def _codegen(kind):
                         _KToken, TILE_ROWS, TILE_TOKENS)
 
 
-def _check(w, r0, r1, xq, xd, xb, out):
-    def arr(a, dtype):
-        return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == 2
-    return (arr(w, types.uint8) and isinstance(r0, types.Integer) and isinstance(r1, types.Integer)
-            and arr(xq, types.int8) and arr(xd, types.float32) and arr(xb, types.int16)
-            and arr(out, types.float32))
-
-
-@intrinsic
-def _rows_q2_k(typingctx, w, r0, r1, xq, xd, xb, out):
-    if _check(w, r0, r1, xq, xd, xb, out):
-        return types.void(w, r0, r1, xq, xd, xb, out), _codegen(_Q2_K)
-
-
-@intrinsic
-def _rows_q3_k(typingctx, w, r0, r1, xq, xd, xb, out):
-    if _check(w, r0, r1, xq, xd, xb, out):
-        return types.void(w, r0, r1, xq, xd, xb, out), _codegen(_Q3_K)
-
-
-@intrinsic
-def _rows_q5_k(typingctx, w, r0, r1, xq, xd, xb, out):
-    if _check(w, r0, r1, xq, xd, xb, out):
-        return types.void(w, r0, r1, xq, xd, xb, out), _codegen(_Q5_K)
-
-
-@intrinsic
-def _rows_q4_k(typingctx, w, r0, r1, xq, xd, xb, out):
-    if _check(w, r0, r1, xq, xd, xb, out):
-        return types.void(w, r0, r1, xq, xd, xb, out), _codegen(_Q4_K)
-
-
-@intrinsic
-def _rows_q6_k(typingctx, w, r0, r1, xq, xd, xb, out):
-    if _check(w, r0, r1, xq, xd, xb, out):
-        return types.void(w, r0, r1, xq, xd, xb, out), _codegen(_Q6_K)
+_TABLES = (types.int8, types.float32, types.int16)            # xq, xd, xb
+_rows_q2_k = rows_intrinsic("_rows_q2_k", _codegen(_Q2_K), _TABLES)
+_rows_q3_k = rows_intrinsic("_rows_q3_k", _codegen(_Q3_K), _TABLES)
+_rows_q4_k = rows_intrinsic("_rows_q4_k", _codegen(_Q4_K), _TABLES)
+_rows_q5_k = rows_intrinsic("_rows_q5_k", _codegen(_Q5_K), _TABLES)
+_rows_q6_k = rows_intrinsic("_rows_q6_k", _codegen(_Q6_K), _TABLES)
 
 
 @kernel

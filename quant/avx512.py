@@ -39,7 +39,6 @@ avx512vnni (``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` honoured as for AVX2).
 """
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils

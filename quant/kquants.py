@@ -752,45 +752,38 @@ def _k4_sumi(row, qo, so, xq, px, u32, hq, hmask):
 
 
 @kernel
-def _idot_q4_k(row, xq, xd, xb):
-    """Q4_K row · Q8_K activations: ``Σ_b d_b·sumi_b`` plus the min term ``Σ_b dmin_b·summ_b``
-    accumulated apart and added at the end (as ggml's AVX2 ``acc`` / ``acc_m``)."""
+def _k45_dot(row, xq, xd, xb, block_size, qs_at, qh_at, qh_mask):
+    """Q4_K/Q5_K row · Q8_K activations: ``Σ_b d_b·sumi_b`` plus the min term
+    ``Σ_b dmin_b·summ_b`` accumulated apart and added at the end (ggml's AVX2 ``acc`` and
+    ``acc_m`` / ``summs``). Blocks of ``block_size`` bytes, quants at ``qs_at``; Q5_K's fifth
+    bit from ``qh_at`` (``qh_mask`` 255; Q4_K: 0)."""
     nb = xd.shape[0]
     u32 = np.uint64(xq.shape[0] // nb) >> np.uint64(3)     # 32
     acc = np.float32(0.0)
     acc_m = np.float32(0.0)
     for b in range(nb):
         ub = np.uint64(b)
-        o = ub * np.uint64(Q4_K_TYPE_SIZE)
+        o = ub * np.uint64(block_size)
         dy = xd[b]
         d = dy * load_f16(row, o)
         dmin = -(dy * load_f16(row, o + np.uint64(2)))
-        so = b * Q4_K_TYPE_SIZE + 4
+        so = b * block_size + 4
         acc_m = fma32(dmin, np.float32(_k4_min_term(row, so, xb, b)), acc_m)
-        acc = fma32(d, np.float32(_k4_sumi(row, o + np.uint64(16), so, xq, ub * np.uint64(QK_K),
-                                           u32, o, np.uint8(0))), acc)
+        acc = fma32(d, np.float32(_k4_sumi(row, o + np.uint64(qs_at), so, xq, ub * np.uint64(QK_K),
+                                           u32, o + np.uint64(qh_at), qh_mask)), acc)
     return acc + acc_m
 
 
 @kernel
+def _idot_q4_k(row, xq, xd, xb):
+    """Q4_K row · Q8_K activations (:func:`_k45_dot`)."""
+    return _k45_dot(row, xq, xd, xb, Q4_K_TYPE_SIZE, 16, 0, np.uint8(0))
+
+
+@kernel
 def _idot_q5_k(row, xq, xd, xb):
-    """Q5_K row · Q8_K activations, as :func:`_idot_q4_k` with the fifth bit from qh (ggml's
-    AVX2 loop keeps the min term as a scalar ``summs``)."""
-    nb = xd.shape[0]
-    u32 = np.uint64(xq.shape[0] // nb) >> np.uint64(3)     # 32
-    acc = np.float32(0.0)
-    summs = np.float32(0.0)
-    for b in range(nb):
-        ub = np.uint64(b)
-        o = ub * np.uint64(Q5_K_TYPE_SIZE)
-        dy = xd[b]
-        d = dy * load_f16(row, o)
-        dmin = -(dy * load_f16(row, o + np.uint64(2)))
-        so = b * Q5_K_TYPE_SIZE + 4
-        summs = fma32(dmin, np.float32(_k4_min_term(row, so, xb, b)), summs)
-        acc = fma32(d, np.float32(_k4_sumi(row, o + np.uint64(48), so, xq, ub * np.uint64(QK_K),
-                                           u32, o + np.uint64(16), np.uint8(255))), acc)
-    return acc + summs
+    """Q5_K row · Q8_K activations, as Q4_K with the fifth bit from qh (:func:`_k45_dot`)."""
+    return _k45_dot(row, xq, xd, xb, Q5_K_TYPE_SIZE, 48, 16, np.uint8(255))
 
 
 @kernel

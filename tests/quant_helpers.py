@@ -35,3 +35,33 @@ def random_matrix(rng: np.random.Generator, ggml_type: GGMLType, rows: int, k: i
     """uint8 [rows, row_bytes] of a random quantized matrix."""
     fmt = FORMATS[ggml_type]
     return random_blocks(rng, ggml_type, rows * (k // fmt.block_size)).reshape(rows, -1)
+
+
+def q8_activations(rng: np.random.Generator, n: int, nb: int, extreme: bool = False):
+    """2-D (xq, xd, xs) for ``n`` tokens of ``nb`` 32-blocks, as quantize_act_q8 makes them;
+    ``extreme``: only ±127."""
+    if extreme:
+        xq = rng.choice(np.array([127, -127], np.int8), (n, nb * 32))
+    else:
+        xq = rng.integers(-127, 128, (n, nb * 32)).astype(np.int8)
+    xd = (rng.random((n, nb)) * 0.05 + 1e-3).astype(np.float32)
+    xs = xd * xq.reshape(n, nb, 32).sum(axis=2, dtype=np.int32).astype(np.float32)
+    return xq, xd, xs
+
+
+def q8k_activations(rng: np.random.Generator, n: int, nb: int):
+    """2-D Q8_K (xq, xd, xb) of ``n`` random tokens of ``nb`` 256-blocks (quantize_act_q8k)."""
+    from quant import kquants
+    k = nb * 256
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    xq, xd = np.zeros((n, k), np.int8), np.zeros((n, nb), np.float32)
+    xb = np.zeros((n, k // 16), np.int16)
+    for t in range(n):
+        kquants.quantize_act_q8k(x[t], xq[t], xd[t], xb[t])
+    return xq, xd, xb
+
+
+def rowwise(dot, w: np.ndarray, xq, xd, x4) -> np.ndarray:
+    """float32 [n, rows]: ``dot(w[r], xq[t], xd[t], x4[t])`` for every token and row."""
+    return np.array([[dot(w[r], xq[t], xd[t], x4[t]) for r in range(w.shape[0])]
+                     for t in range(xq.shape[0])], np.float32)

@@ -9,7 +9,7 @@ import pytest
 
 from cpuinfer.gguf import GGMLType
 from quant import avx2, avx512, kernels, legacy
-from quant_helpers import random_blocks
+from quant_helpers import q8_activations, q8k_activations, random_blocks, rowwise
 
 HOT = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_1": GGMLType.Q4_1}
 needs_vnni = pytest.mark.skipif(not avx512.HAVE_AVX512_VNNI,
@@ -20,17 +20,6 @@ def _bits(a) -> np.ndarray:
     return np.asarray(a, np.float32).view(np.uint32)
 
 
-def _activations(rng, n: int, nb: int, extreme: bool):
-    """2-D (xq, xd, xs) as quantize_act_q8 makes them; ``extreme``: only ±127."""
-    if extreme:
-        xq = rng.choice(np.array([127, -127], np.int8), (n, nb * 32))
-    else:
-        xq = rng.integers(-127, 128, (n, nb * 32)).astype(np.int8)
-    xd = (rng.random((n, nb)) * 0.05 + 1e-3).astype(np.float32)
-    xs = xd * xq.reshape(n, nb, 32).sum(axis=2, dtype=np.int32).astype(np.float32)
-    return xq, xd, xs
-
-
 def _tiled(name, w, xq, xd, xs, r0=0, r1=None):
     r1 = w.shape[0] if r1 is None else r1
     out = np.full((xq.shape[0], w.shape[0]), np.nan, np.float32)
@@ -39,9 +28,7 @@ def _tiled(name, w, xq, xd, xs, r0=0, r1=None):
 
 
 def _rowwise(name, w, xq, xd, xs):
-    dot = getattr(avx2, f"idot_{name}_avx2")
-    return np.array([[dot(w[r], xq[t], xd[t], xs[t]) for r in range(w.shape[0])]
-                     for t in range(xq.shape[0])], np.float32)
+    return rowwise(getattr(avx2, f"idot_{name}_avx2"), w, xq, xd, xs)
 
 
 @needs_vnni
@@ -63,7 +50,7 @@ def test_avx512_tiles_bit_identical_to_avx2_rows(name):
                 blocks[:, :, q0:] = rng.choice(edges, size=blocks[:, :, q0:].shape)
             if trial == 2 and t == GGMLType.Q8_0:
                 w.reshape(rows, nb, -1)[:, :, 2:] = 0x80        # all −128
-            xq, xd, xs = _activations(rng, n, nb, extreme=trial % 2 == 0)
+            xq, xd, xs = q8_activations(rng, n, nb, extreme=trial % 2 == 0)
             got, ref = _tiled(name, w, xq, xd, xs), _rowwise(name, w, xq, xd, xs)
             np.testing.assert_array_equal(_bits(got), _bits(ref), err_msg=f"{name} {nb} {rows} {n}")
             checked += int(np.count_nonzero(ref))
@@ -74,7 +61,7 @@ def test_avx512_tiles_bit_identical_to_avx2_rows(name):
 def test_avx512_tiles_cover_exactly_the_asked_rows():
     rng = np.random.default_rng(6)
     w = np.stack([random_blocks(rng, GGMLType.Q4_0, 4).reshape(-1) for _ in range(23)])
-    xq, xd, xs = _activations(rng, 5, 4, extreme=False)
+    xq, xd, xs = q8_activations(rng, 5, 4, extreme=False)
     got = _tiled("q4_0", w, xq, xd, xs, 3, 21)
     ref = _rowwise("q4_0", w, xq, xd, xs)
     assert np.isnan(got[:, :3]).all() and np.isnan(got[:, 21:]).all()
@@ -86,7 +73,7 @@ def test_avx512_odd_tail_changes_result():
     """The last odd block is really accumulated (guards the tail path's wiring)."""
     rng = np.random.default_rng(9)
     w = np.stack([random_blocks(rng, GGMLType.Q4_0, 3).reshape(-1) for _ in range(4)])
-    xq, xd, xs = _activations(rng, 1, 3, extreme=False)
+    xq, xd, xs = q8_activations(rng, 1, 3, extreme=False)
     full = _tiled("q4_0", w, xq, xd, xs)
     two = _tiled("q4_0", np.ascontiguousarray(w[:, :36]), xq[:, :64].copy(), xd[:, :2].copy(),
                  xs[:, :2].copy())
@@ -144,11 +131,10 @@ def test_avx512_q5_tiles_match_portable_dots(name):
     portable = getattr(legacy, f"_idot_{name}")
     for nb, rows, n in ((1, 1, 1), (3, 5, 7), (6, 8, 5), (33, 9, 4), (128, 6, 2)):
         w = np.stack([random_blocks(rng, t, nb).reshape(-1) for _ in range(rows)])
-        xq, xd, xs = _activations(rng, n, nb, extreme=False)
+        xq, xd, xs = q8_activations(rng, n, nb, extreme=False)
         out = np.full((n, rows), np.nan, np.float32)
         getattr(avx512, f"rows_{name}_avx512")(w, 0, rows, xq, xd, xs, out)
-        ref = np.array([[portable(w[r], xq[s_], xd[s_], xs[s_]) for r in range(rows)]
-                        for s_ in range(n)], np.float32)
+        ref = rowwise(portable, w, xq, xd, xs)
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
         one = np.full((n, rows), np.nan, np.float32)     # 1-row × 1-token tiles only
         for r in range(rows):
@@ -174,17 +160,11 @@ def test_avx512_kquant_tiles_match_portable_dots(name):
     tiled = getattr(avx512_kquants, f"rows_{name}_avx512")
     portable = getattr(kquants, f"_idot_{name}")
     for nb, rows, n in ((1, 1, 1), (2, 5, 3), (3, 9, 2), (2, 6, 5), (16, 8, 1)):
-        k = nb * 256
         w = np.stack([random_blocks(rng, t, nb).reshape(-1) for _ in range(rows)])
-        x = rng.standard_normal((n, k)).astype(np.float32)
-        xq, xd = np.zeros((n, k), np.int8), np.zeros((n, nb), np.float32)
-        xb = np.zeros((n, k // 16), np.int16)
-        for s_ in range(n):
-            kquants.quantize_act_q8k(x[s_], xq[s_], xd[s_], xb[s_])
+        xq, xd, xb = q8k_activations(rng, n, nb)
         out = np.full((n, rows), np.nan, np.float32)
         tiled(w, 0, rows, xq, xd, xb, out)
-        ref = np.array([[portable(w[r], xq[s_], xd[s_], xb[s_]) for r in range(rows)]
-                        for s_ in range(n)], np.float32)
+        ref = rowwise(portable, w, xq, xd, xb)
         np.testing.assert_allclose(out, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
         one = np.full((n, rows), np.nan, np.float32)
         for r in range(rows):
@@ -210,21 +190,14 @@ def test_avx512_kquant_tiles_use_zmm_byte_multiply_add(name):
 @needs_vnni
 @pytest.mark.parametrize("name", ["q4_k", "q6_k"])
 def test_avx512_q4_k_q6_k_tiles_bit_identical_to_avx2(name):
-    from quant import avx512_kquants, kquants
+    from quant import avx512_kquants
     rng = np.random.default_rng(12)
     for nb, rows, n in ((1, 1, 1), (2, 5, 3), (3, 9, 2), (2, 6, 5), (16, 8, 1)):
-        k = nb * 256
         w = np.stack([random_blocks(rng, KQ[name], nb).reshape(-1) for _ in range(rows)])
-        x = rng.standard_normal((n, k)).astype(np.float32)
-        xq, xd = np.zeros((n, k), np.int8), np.zeros((n, nb), np.float32)
-        xb = np.zeros((n, k // 16), np.int16)
-        for s_ in range(n):
-            kquants.quantize_act_q8k(x[s_], xq[s_], xd[s_], xb[s_])
+        xq, xd, xb = q8k_activations(rng, n, nb)
         out = np.full((n, rows), np.nan, np.float32)
         getattr(avx512_kquants, f"rows_{name}_avx512")(w, 0, rows, xq, xd, xb, out)
-        dot = getattr(avx2, f"idot_{name}_avx2")
-        ref = np.array([[dot(w[r], xq[s_], xd[s_], xb[s_]) for r in range(rows)]
-                        for s_ in range(n)], np.float32)
+        ref = rowwise(getattr(avx2, f"idot_{name}_avx2"), w, xq, xd, xb)
         np.testing.assert_array_equal(_bits(out), _bits(ref))
 
 
@@ -239,23 +212,18 @@ import numpy as np
 sys.path.insert(0, "tests")
 from cpuinfer.gguf import GGMLType
 from quant import avx2, avx512, avx512_kquants as K, kernels, kquants, legacy
-from quant_helpers import random_blocks
+from quant_helpers import q8_activations, q8k_activations, random_blocks, rowwise
 assert K.HAVE_KTILES and not avx512._WIDE and kernels.has_ktile(int(GGMLType.Q4_K))
 rng = np.random.default_rng(3)
 for name in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"):
     t = GGMLType[name.upper()]
     for nb, rows, n in ((1, 1, 1), (2, 6, 5), (3, 9, 2)):
         w = np.stack([random_blocks(rng, t, nb).reshape(-1) for _ in range(rows)])
-        x = rng.standard_normal((n, nb * 256)).astype(np.float32)
-        xq, xd = np.zeros((n, nb * 256), np.int8), np.zeros((n, nb), np.float32)
-        xb = np.zeros((n, nb * 16), np.int16)
-        for s in range(n):
-            kquants.quantize_act_q8k(x[s], xq[s], xd[s], xb[s])
+        xq, xd, xb = q8k_activations(rng, n, nb)
         out = np.full((n, rows), np.nan, np.float32)
         getattr(K, f"rows_{name}_avx512")(w, 0, rows, xq, xd, xb, out)
         dot = getattr(avx2, f"idot_{name}_avx2", None) or getattr(kquants, f"_idot_{name}")
-        ref = np.array([[dot(w[r], xq[s], xd[s], xb[s]) for r in range(rows)] for s in range(n)],
-                       np.float32)
+        ref = rowwise(dot, w, xq, xd, xb)
         if name in ("q4_k", "q6_k"):
             assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), name
         else:
@@ -265,14 +233,11 @@ for name in ("q4_0", "q4_1", "q5_0", "q5_1"):
     assert avx512.HAVE_TILES and not avx512.HAVE_AVX512_VNNI
     for nb, rows, n in ((1, 1, 1), (3, 6, 5), (9, 9, 2)):
         w = np.stack([random_blocks(rng, t, nb).reshape(-1) for _ in range(rows)])
-        xq = rng.integers(-127, 128, (n, nb * 32)).astype(np.int8)
-        xd = (rng.random((n, nb)) * 0.05 + 1e-3).astype(np.float32)
-        xs = xd * xq.reshape(n, nb, 32).sum(axis=2, dtype=np.int32).astype(np.float32)
+        xq, xd, xs = q8_activations(rng, n, nb)
         out = np.full((n, rows), np.nan, np.float32)
         getattr(avx512, f"rows_{name}_avx512")(w, 0, rows, xq, xd, xs, out)
         dot = getattr(avx2, f"idot_{name}_avx2", None) or getattr(legacy, f"_idot_{name}")
-        ref = np.array([[dot(w[r], xq[s], xd[s], xs[s]) for r in range(rows)] for s in range(n)],
-                       np.float32)
+        ref = rowwise(dot, w, xq, xd, xs)
         if name in ("q4_0", "q4_1"):
             assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), name
         else:

@@ -213,15 +213,7 @@ class Weights:
     output_norm: np.ndarray
     output: QTensor
     n_used: int                        # routed experts per token
-
-    @property
-    def layer_args(self) -> list[tuple]:
-        """Per layer, the compiled blocks' weight arguments (:func:`_layer_inputs`), made once."""
-        cached = self.__dict__.get("_layer_args")
-        if cached is None:
-            cached = [_layer_inputs(L) for L in self.layers]
-            object.__setattr__(self, "_layer_args", cached)
-        return cached
+    layer_args: tuple = ()             # per layer, the compiled blocks' arguments (built at load)
 
     @classmethod
     def from_gguf(cls, t: TensorLoader, c: Config) -> "Weights":
@@ -261,7 +253,8 @@ class Weights:
         embd = t.matrix(tensor_name(Tn.TOKEN_EMBD), c.n_vocab, d)
         out_name = tensor_name(Tn.OUTPUT)
         output = t.matrix(out_name, c.n_vocab, d) if t.has(out_name) else embd
-        return cls(embd, tuple(layers), t.vector(tensor_name(Tn.OUTPUT_NORM), d), output, c.moe.n_used)
+        return cls(embd, tuple(layers), t.vector(tensor_name(Tn.OUTPUT_NORM), d), output, c.moe.n_used,
+                   tuple(_layer_inputs(L) for L in layers))
 
     def streamed_bytes(self) -> int:
         """Weight bytes read per decoded token: attention, dense and shared FFNs, routers, the

@@ -74,15 +74,7 @@ class Weights:
     output_norm: np.ndarray
     output: QTensor
     n_used: int
-
-    @property
-    def layer_args(self) -> list[tuple]:
-        """Per layer, :func:`_layer`'s weight arguments (raw blocks + type codes), made once."""
-        cached = self.__dict__.get("_layer_args")
-        if cached is None:
-            cached = [_layer_inputs(L) for L in self.layers]
-            object.__setattr__(self, "_layer_args", cached)
-        return cached
+    layer_args: tuple = ()           # per layer, _layer's weight arguments (built at load)
 
     @classmethod
     def from_gguf(cls, t: TensorLoader, c: Config) -> "Weights":
@@ -113,7 +105,8 @@ class Weights:
         embd = t.matrix(tensor_name(Tn.TOKEN_EMBD), a.n_vocab, d)
         out_name = tensor_name(Tn.OUTPUT)
         output = t.matrix(out_name, a.n_vocab, d) if t.has(out_name) else embd
-        return cls(embd, tuple(layers), t.vector(tensor_name(Tn.OUTPUT_NORM), d), output, m.n_used)
+        return cls(embd, tuple(layers), t.vector(tensor_name(Tn.OUTPUT_NORM), d), output, m.n_used,
+                   tuple(_layer_inputs(L) for L in layers))
 
     def streamed_bytes(self) -> int:
         """Attention and router bytes, the routed experts' bytes × n_used / n_expert, the output

@@ -11,6 +11,12 @@ Public API (all validation raises :class:`cpuinfer.errors.CpuinferError` with a 
     get_rows(w uint8[rows, row_bytes], ggml_type, ids int[n], out float32[n, k])
     scratch_size(ggml_type, n, k) -> int      # bytes of uint8 scratch matmul may be given
     set_threads(n), get_threads()
+    can_pack(ggml_type, rows) -> bool         # whether pack() gives these matrices a faster layout
+    pack(raw uint8[..., rows, row_bytes], ggml_type, out=None) -> (packed, PackedType)
+
+``matmul`` and ``get_rows`` take a GGUF type, or a :class:`PackedType` for rows that
+:func:`pack` interleaved 8 at a time (:mod:`quant.interleaved`: Q4_0, Q4_1, Q8_0 where the CPU
+has AVX2; same byte count, a different order).
 
 Formats live one family per module: :mod:`quant.floats` (F32, F16, BF16), :mod:`quant.legacy`
 (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), :mod:`quant.kquants` (Q2_K..Q6_K). The compiled drivers, callable
@@ -29,25 +35,43 @@ import numpy as np
 from cpuinfer.errors import CpuinferError
 from cpuinfer.gguf import GGMLType
 
-from . import floats, kernels, kquants, legacy
+from . import floats, interleaved, kernels, kquants, legacy
 from .base import QuantFormat
+from .interleaved import PackedType, can_pack
 from .jit import get_threads, set_threads
 
 FORMATS: dict[GGMLType, QuantFormat] = {**floats.FORMATS, **legacy.FORMATS, **kquants.FORMATS}
 SUPPORTED_TYPES: tuple[GGMLType, ...] = tuple(t for t in kernels.KERNEL_TYPES if t in FORMATS)
 
-__all__ = ["FORMATS", "SUPPORTED_TYPES", "GGMLType", "QuantFormat", "check_supported", "dequantize",
-           "get_rows", "get_threads", "matmul", "row_bytes", "scratch_size", "set_threads"]
+__all__ = ["FORMATS", "SUPPORTED_TYPES", "GGMLType", "PackedType", "QuantFormat", "can_pack",
+           "check_supported", "dequantize", "get_rows", "get_threads", "matmul", "pack", "row_bytes",
+           "scratch_size", "set_threads"]
 
 
 def _type_name(ggml_type) -> str:
+    for enum in (GGMLType, PackedType):
+        try:
+            return enum(int(ggml_type)).name
+        except (ValueError, TypeError):
+            pass
+    return f"unknown type {ggml_type!r}"
+
+
+def _packed(ggml_type) -> PackedType | None:
     try:
-        return GGMLType(int(ggml_type)).name
+        return PackedType(int(ggml_type))
     except (ValueError, TypeError):
-        return f"unknown type {ggml_type!r}"
+        return None
 
 
 def _format(ggml_type, where: str = "quant") -> QuantFormat:
+    """The block geometry of a GGUF type, or of the type a :class:`PackedType` was packed from."""
+    packed = _packed(ggml_type)
+    if packed is not None:
+        if not interleaved.HAVE_X8:
+            raise CpuinferError(f"{where}: {packed.name} needs AVX2, FMA and F16C, which this "
+                                f"CPU lacks")
+        return FORMATS[interleaved.BASE[packed]]
     try:
         fmt = FORMATS.get(GGMLType(int(ggml_type)))
     except (ValueError, TypeError):
@@ -85,6 +109,25 @@ def scratch_size(ggml_type, n: int, k: int) -> int:
     return int(kernels.act_scratch_bytes(int(ggml_type), n, k))
 
 
+def pack(raw: np.ndarray, ggml_type, out: np.ndarray | None = None):
+    """``(packed, PackedType)``: GGUF rows ``raw`` uint8 [..., rows, row_bytes] interleaved 8 at
+    a time into ``out`` (a new array when None, or ``raw`` itself when it is writable), for
+    :func:`matmul` to run with the :class:`PackedType`. Needs ``can_pack(ggml_type, rows)``."""
+    fmt = _format(ggml_type, "pack")
+    raw = np.asarray(raw)
+    if (raw.dtype != np.uint8 or raw.ndim < 2 or not raw.flags.c_contiguous
+            or not can_pack(ggml_type, raw.shape[-2]) or raw.shape[-1] % fmt.type_size):
+        raise CpuinferError(f"pack: cannot interleave {fmt.name} {raw.dtype} {list(raw.shape)} "
+                            f"(needs C-contiguous uint8 [..., rows, row_bytes] with rows a multiple "
+                            f"of {interleaved.GROUP}, a type among "
+                            f"{', '.join(GGMLType(interleaved.BASE[p]).name for p in PackedType)} "
+                            f"and AVX2)")
+    if out is not None and (out.shape != raw.shape or out.dtype != np.uint8
+                            or not out.flags.c_contiguous or not out.flags.writeable):
+        raise CpuinferError(f"pack: out must be a writable C-contiguous uint8 {list(raw.shape)}")
+    return interleaved.pack(raw, ggml_type, out), interleaved.PACKED[GGMLType(int(ggml_type))]
+
+
 def dequantize(raw: np.ndarray, ggml_type, k: int) -> np.ndarray:
     """Numpy reference dequantization: uint8 [..., row_bytes] -> float32 [..., k] (a new array)."""
     fmt = _format(ggml_type, "dequantize")
@@ -93,6 +136,12 @@ def dequantize(raw: np.ndarray, ggml_type, k: int) -> np.ndarray:
     if raw.dtype != np.uint8 or raw.ndim < 1 or raw.shape[-1] != rb:
         raise CpuinferError(f"dequantize: expected uint8 [..., {rb}] for {k} {fmt.name} values per "
                             f"row, got {raw.dtype} {list(raw.shape)}")
+    packed = _packed(ggml_type)
+    if packed is not None:
+        if raw.ndim < 2 or raw.shape[-2] % interleaved.GROUP:
+            raise CpuinferError(f"dequantize: {packed.name} needs [..., rows, {rb}] with rows a "
+                                f"multiple of {interleaved.GROUP}, got {list(raw.shape)}")
+        raw = interleaved.unpack_ref(raw, interleaved.BASE[packed])
     blocks = np.ascontiguousarray(raw).reshape(-1, fmt.type_size)
     return fmt.dequantize_ref(blocks).astype(np.float32, copy=False).reshape(*raw.shape[:-1], k)
 
@@ -114,6 +163,9 @@ def _check_weights(w, ggml_type, k: int, where: str) -> QuantFormat:
     if k <= 0 or k % fmt.block_size or w.shape[1] != fmt.row_bytes(k):
         raise CpuinferError(f"{where}: {fmt.name} rows of {k} values need {fmt.row_bytes(k)} bytes "
                             f"(k a multiple of {fmt.block_size}), w has {w.shape[1]} bytes per row")
+    if _packed(ggml_type) is not None and w.shape[0] % interleaved.GROUP:
+        raise CpuinferError(f"{where}: {_type_name(ggml_type)} needs a multiple of "
+                            f"{interleaved.GROUP} rows, w has {w.shape[0]}")
     return fmt
 
 

@@ -27,7 +27,9 @@ each 16), as llama.cpp's ``vec_dot_q<n>_K_q8_K``. Where the CPU has AVX-512 VNNI
 tiles of 4 rows (× 4 tokens for the legacy formats) — :mod:`quant.avx512`,
 :mod:`quant.avx512_kquants` — else Q8_0/Q4_0/Q4_1/Q4_K/Q6_K in the AVX2 row dots of
 :mod:`quant.avx2` (the tiles give their bits) and the rest in portable numba loops. The float
-formats use the ``_dot_<f>`` row functions.
+formats use the ``_dot_<f>`` row functions. Q4_0/Q4_1/Q8_0 matrices repacked at load 8 rows
+interleaved (:mod:`quant.interleaved`, type codes :class:`~quant.interleaved.PackedType`) run
+:data:`rows_x8` on the same int8 tables (Q4_0/Q8_0 with ``xs`` = the block sums).
 
 Scratch layout (bytes, ``n`` tokens, ``nb = k / 32``), three row-major tables back to back::
 
@@ -51,7 +53,7 @@ from numba import prange
 
 from cpuinfer.gguf import GGMLType
 
-from . import avx2, avx512, avx512_kquants, floats, kquants, legacy
+from . import avx2, avx512, avx512_kquants, floats, interleaved, kquants, legacy
 from .jit import kernel, num_threads, parallel_kernel
 from .kquants import QK_K, quantize_act_q8k
 from .legacy import QK, quantize_act_q8
@@ -83,6 +85,9 @@ _Q3_K = int(GGMLType.Q3_K)
 _Q4_K = int(GGMLType.Q4_K)
 _Q5_K = int(GGMLType.Q5_K)
 _Q6_K = int(GGMLType.Q6_K)
+_Q4_0_X8 = int(interleaved.PackedType.Q4_0_X8)
+_Q4_1_X8 = int(interleaved.PackedType.Q4_1_X8)
+_Q8_0_X8 = int(interleaved.PackedType.Q8_0_X8)
 
 KERNEL_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0,
                 GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q2_K, GGMLType.Q3_K,
@@ -92,6 +97,10 @@ KERNEL_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLTy
 Q8_ACT_TYPES = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1)
 """Types whose matmul quantizes activations to int8 per 32-block."""
 
+PACKED_TYPES = tuple(interleaved.PackedType)
+"""Runtime layouts (rows interleaved 8 at a time at load, :mod:`quant.interleaved`) the switches
+below handle where :data:`HAVE_X8`."""
+
 Q8K_ACT_TYPES = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
 """Types whose matmul quantizes activations to Q8_K (int8 per 256-block, float32 scale)."""
 
@@ -99,10 +108,16 @@ Q8K_ACT_TYPES = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGM
 # --- the format switch -----------------------------------------------------------------------
 
 @kernel
+def is_packed(qtype):
+    """True for the interleaved layouts of :mod:`quant.interleaved`."""
+    return qtype == _Q4_0_X8 or qtype == _Q4_1_X8 or qtype == _Q8_0_X8
+
+
+@kernel
 def uses_q8_act(qtype):
     """True when ``matmul_kernel`` runs this type on int8-quantized activations."""
     return (qtype == _Q8_0 or qtype == _Q4_0 or qtype == _Q4_1 or qtype == _Q5_0
-            or qtype == _Q5_1)
+            or qtype == _Q5_1 or is_packed(qtype))
 
 
 @kernel
@@ -235,6 +250,16 @@ def _krows_none(qtype, w, r0, r1, xq, xd, xb, out):
     """Stand-in where the CPU has no AVX2 (:func:`has_ktile` is then always False)."""
 
 
+@kernel
+def _rows_x8_none(qtype, w, r0, r1, xq, xd, xs, out):
+    """Stand-in where the CPU cannot run the interleaved kernels (nothing is packed there)."""
+
+
+HAVE_X8 = interleaved.HAVE_X8
+rows_x8 = interleaved.rows_x8 if HAVE_X8 else _rows_x8_none
+"""``rows_x8(qtype, w, r0, r1, xq, xd, xs, out)``: as :data:`idot_rows` for the interleaved
+layouts (``r0``, ``r1`` multiples of 8)."""
+
 HAVE_KTILES = avx512_kquants.HAVE_KTILES
 krows_tiled = _krows_tiled if HAVE_KTILES else _krows_none
 
@@ -358,6 +383,8 @@ def prepare_acts(qtype, x, scratch, t):
     if uses_q8_act(qtype):
         xq, xd, xs = act_tables(scratch, n, k)
         quantize_act_q8(x[t], xq[t], xd[t], xs[t])
+        if qtype == _Q4_0_X8 or qtype == _Q8_0_X8:
+            interleaved.block_sums(xq[t], xs[t])
     elif uses_q8k_act(qtype):
         kq, kd, kb = act_tables_k(scratch, n, k)
         quantize_act_q8k(x[t], kq[t], kd[t], kb[t])
@@ -379,7 +406,10 @@ def mul_chunks(qtype, w, c0, c1, x, out, scratch):
         xq, xd, xs = act_tables(scratch, n, k)
         for t0 in range(0, n, TOKEN_BLOCK):
             t1 = min(n, t0 + TOKEN_BLOCK)
-            idot_rows(qtype, w, r0, r1, xq[t0:t1], xd[t0:t1], xs[t0:t1], out[t0:t1])
+            if is_packed(qtype):
+                rows_x8(qtype, w, r0, r1, xq[t0:t1], xd[t0:t1], xs[t0:t1], out[t0:t1])
+            else:
+                idot_rows(qtype, w, r0, r1, xq[t0:t1], xd[t0:t1], xs[t0:t1], out[t0:t1])
         return
     q8k = uses_q8k_act(qtype)
     kq, kd, kb = act_tables_k(scratch, n if q8k else 0, k)
@@ -461,4 +491,7 @@ def matmul_serial(qtype, w, x, out, scratch):
 def get_rows_kernel(qtype, w, ids, out):
     """``out[i] = dequant(w[ids[i]])`` (ids already bounds-checked by the caller)."""
     for i in range(ids.shape[0]):
-        dequant_row(qtype, w[ids[i]], out[i])
+        if is_packed(qtype):
+            interleaved.dequant_row_x8(qtype, w, ids[i], out[i])
+        else:
+            dequant_row(qtype, w[ids[i]], out[i])

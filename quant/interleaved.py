@@ -1,0 +1,421 @@
+"""Legacy-format weights repacked at load 8 rows interleaved (``_X8``): Q4_0, Q4_1, Q8_0.
+
+A GGUF row keeps its blocks back to back, so a row dot has to reduce each block's 8 int32 lanes
+to one number and splat per-row scales — about as much work per block as the multiply itself,
+and on one Zen 4 core a Q4_0 row-tile kernel tops out near 22 GB/s, below what a core can read.
+Interleaving 8 rows puts one *row* in each 32-bit lane: the 4-byte activation groups are
+broadcast, ``vpdpbusd`` (or ``vpmaddubsw``/``vpmaddwd``) accumulates 8 rows at once, the 8 row
+scales are one ``vcvtph2ps``, and the 8 results are one vector store — no horizontal sums at all
+(llama.cpp's ``block_q4_0x8`` repacking, ``ggml-cpu/repack.cpp``, is the same idea with 8-byte
+groups).
+
+Layout: a matrix of ``rows`` (a multiple of 8) keeps its shape ``[rows, row_bytes]`` and byte
+count; rows ``8g .. 8g + 7`` (bytes ``[8g·row_bytes, (8g + 8)·row_bytes)``) become group ``g``:
+its blocks ``b = 0 .. nb − 1`` one after the other, ``8 · type_size`` bytes each::
+
+    Q4_0  144 bytes = d[0:16]  (f16 × 8, row i at 2i)
+                      qs[16:144] = chunk c (c = 0..3) at 16 + 32c:
+                                   row i's qs[4c : 4c + 4] at 16 + 32c + 4i
+    Q4_1  160 bytes = d[0:16] m[16:32] qs[32:160]     (chunks as Q4_0, at 32 + 32c)
+    Q8_0  272 bytes = d[0:16] qs[16:272]              (8 chunks, c = 0..7, at 16 + 32c)
+
+so one 32-byte chunk load holds the same 4 quants of every row: for Q4, its low nibbles are
+values ``4c .. 4c + 3`` and its high nibbles values ``16 + 4c .. 16 + 4c + 3`` (GGUF's nibble
+order, :mod:`quant.legacy`); for Q8_0, values ``4c .. 4c + 3``.
+
+Per block ``b`` and token ``t`` (``y_j`` = the int32 of activation bytes ``4j .. 4j + 3`` of the
+block, broadcast to 8 lanes)::
+
+    p    = Σ_j dot(q_j, y_j)               8 × int32, lane i = row i's exact Σ q · xq
+    P    = float(p) − c · S                Q4_0: c = 8; Q8_0 with VNNI: q = w + 128, c = 128
+                                           (AVX2: q = |w|, y_j · sign(w), c = 0); Q4_1: c = 0
+    acc  = fma(P, d · xd, acc)             d = the 8 rows' scales, xd = the token's block scale
+    Q4_1 acc_m = fma(m, xs, acc_m)         out[t, 8g : 8g + 8] = acc (+ acc_m)
+
+``S = Σ xq`` of the block comes from :func:`block_sums`, which replaces the ``xs`` table for
+Q4_0/Q8_0 (Q4_1 keeps ggml's rounded ``s``); ``P`` is an integer below 2^24, exact in float32.
+So each block adds ``fma(exact integer dot, d · xd)`` as ggml's AVX2 row dots do; they split
+the integer over 8 lanes and sum the lanes at the end, this sums whole blocks — the results
+differ from theirs in float summation order only.
+
+Repacking (:func:`pack`) needs AVX2, FMA and F16C (:data:`HAVE_X8`); :func:`pack_ref` /
+:func:`unpack_ref` are the naive numpy references the tests compare with.
+"""
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+
+from cpuinfer.gguf import GGMLType
+
+from .avx2 import _F32, _I8, _I16, _I32, _fn, _load, _splat, host_has
+from .base import load_f16
+from .avx512 import HAVE_AVX512_VNNI, _Token, _byte_ptr, _typed_ptr, rows_intrinsic
+from .jit import kernel, parallel_kernel
+from .legacy import QK
+
+GROUP = 8
+"""Rows per interleaved group (one per 32-bit lane of a 256-bit register)."""
+
+HAVE_X8 = host_has("avx2", "fma", "f16c")
+"""Whether this CPU runs the interleaved kernels (and :func:`pack` repacks)."""
+
+
+class PackedType(enum.IntEnum):
+    """Kernel type codes of the repacked layouts: runtime only, never in a GGUF file. The code
+    is ``0x100 | base`` so it cannot collide with a :class:`GGMLType`."""
+    Q4_0_X8 = 0x100 | GGMLType.Q4_0
+    Q4_1_X8 = 0x100 | GGMLType.Q4_1
+    Q8_0_X8 = 0x100 | GGMLType.Q8_0
+
+
+_Q4_0, _Q4_1, _Q8_0 = "q4_0", "q4_1", "q8_0"
+# base type -> (kind, block bytes, f16 fields before the quants, quant bytes)
+_LAYOUTS = {GGMLType.Q4_0: (_Q4_0, 18, 1, 16),
+            GGMLType.Q4_1: (_Q4_1, 20, 2, 16),
+            GGMLType.Q8_0: (_Q8_0, 34, 1, 32)}
+PACKED = {base: PackedType(0x100 | base) for base in _LAYOUTS}
+"""GGUF type -> its interleaved kernel type."""
+BASE = {packed: base for base, packed in PACKED.items()}
+"""Interleaved kernel type -> the GGUF type it was packed from."""
+
+_BASE_OF = {kind: base for base, (kind, *_) in _LAYOUTS.items()}
+_V8I32, _V8F32, _V32I8 = ir.VectorType(_I32, 8), ir.VectorType(_F32, 8), ir.VectorType(_I8, 32)
+_V16I16, _V8I16 = ir.VectorType(_I16, 16), ir.VectorType(_I16, 8)
+
+
+# --- layout: numpy references and the compiled repacker --------------------------------------
+
+def _geometry(base: GGMLType):
+    _, type_size, n_half, qs_bytes = _LAYOUTS[GGMLType(base)]
+    return type_size, n_half, qs_bytes
+
+
+def pack_ref(raw: np.ndarray, base) -> np.ndarray:
+    """Naive reference: GGUF rows ``[..., rows, row_bytes]`` -> the interleaved bytes (new array)."""
+    type_size, n_half, qs_bytes = _geometry(base)
+    *lead, rows, rb = raw.shape
+    nb = rb // type_size
+    blocks = raw.reshape(*lead, rows // GROUP, GROUP, nb, type_size)
+    blocks = np.moveaxis(blocks, -3, -2)                     # [..., g, b, row i, byte]
+    halves = blocks[..., :2 * n_half].reshape(*blocks.shape[:-1], n_half, 2)
+    halves = np.moveaxis(halves, -3, -2)                     # [..., g, b, field, row i, 2]
+    qs = blocks[..., 2 * n_half:].reshape(*blocks.shape[:-1], qs_bytes // 4, 4)
+    qs = np.moveaxis(qs, -3, -2)                             # [..., g, b, chunk c, row i, 4]
+    flat = lambda a: a.reshape(*a.shape[:len(lead) + 2], -1)  # noqa: E731
+    out = np.concatenate([flat(halves), flat(qs)], axis=-1)  # [..., g, b, 8·type_size]
+    return np.ascontiguousarray(out.reshape(*lead, rows, rb))
+
+
+def unpack_ref(packed: np.ndarray, base) -> np.ndarray:
+    """Naive reference inverse of :func:`pack_ref`."""
+    type_size, n_half, qs_bytes = _geometry(base)
+    *lead, rows, rb = packed.shape
+    nb = rb // type_size
+    g = packed.reshape(*lead, rows // GROUP, nb, GROUP * type_size)
+    halves = g[..., :16 * n_half].reshape(*g.shape[:-1], n_half, GROUP, 2)
+    qs = g[..., 16 * n_half:].reshape(*g.shape[:-1], qs_bytes // 4, GROUP, 4)
+    halves = np.moveaxis(halves, -2, -3).reshape(*g.shape[:-1], GROUP, 2 * n_half)
+    qs = np.moveaxis(qs, -2, -3).reshape(*g.shape[:-1], GROUP, qs_bytes)
+    blocks = np.concatenate([halves, qs], axis=-1)           # [..., g, b, row i, type_size]
+    blocks = np.moveaxis(blocks, -2, -3)                     # [..., g, row i, b, type_size]
+    return np.ascontiguousarray(blocks.reshape(*lead, rows, rb))
+
+
+@parallel_kernel
+def _pack_groups(src, dst, type_size, n_half, qs_bytes):
+    """Interleave every group of ``src`` [groups, 8 · row_bytes] into ``dst`` (same shape;
+    may be ``src`` itself: each group is copied aside first)."""
+    n_groups, span = src.shape
+    rb = span // GROUP
+    nb = rb // type_size
+    chunks = qs_bytes // 4
+    for g in prange(n_groups):
+        s = src[g].copy()
+        d = dst[g]
+        for b in range(nb):
+            o = b * GROUP * type_size
+            for i in range(GROUP):
+                at = i * rb + b * type_size
+                for h in range(n_half):
+                    d[o + 16 * h + 2 * i] = s[at + 2 * h]
+                    d[o + 16 * h + 2 * i + 1] = s[at + 2 * h + 1]
+                q0 = at + 2 * n_half
+                for c in range(chunks):
+                    for j in range(4):
+                        d[o + 16 * n_half + 32 * c + 4 * i + j] = s[q0 + 4 * c + j]
+
+
+def can_pack(base, rows: int) -> bool:
+    """Whether matrices of ``base`` type and ``rows`` rows get an interleaved layout here."""
+    try:
+        base = GGMLType(int(base))
+    except (ValueError, TypeError):
+        return False
+    return HAVE_X8 and base in _LAYOUTS and rows > 0 and rows % GROUP == 0
+
+
+def pack(raw: np.ndarray, base, out: np.ndarray | None = None) -> np.ndarray:
+    """Interleave GGUF rows ``raw`` uint8 ``[..., rows, row_bytes]`` (``can_pack`` must hold)
+    into ``out`` (a new array when None; ``raw`` itself for in place), threads in parallel."""
+    type_size, n_half, qs_bytes = _geometry(base)
+    rows, rb = raw.shape[-2:]
+    if out is None:
+        out = np.empty(raw.shape, np.uint8)
+    span = GROUP * rb
+    _pack_groups(raw.reshape(-1, span), out.reshape(-1, span), type_size, n_half, qs_bytes)
+    return out
+
+
+# --- activations -----------------------------------------------------------------------------
+
+@kernel
+def block_sums(xq, xs):
+    """``xs[b] = Σ xq[32b : 32b + 32]`` (an integer, exact in float32) for the Q4_0/Q8_0
+    kernels' weight offset."""
+    for b in range(xs.shape[0]):
+        s = 0
+        for j in range(b * QK, b * QK + QK):
+            s += xq[j]
+        xs[b] = np.float32(s)
+
+
+@kernel
+def dequant_row_x8(qtype, w, r, out):
+    """Dequantize row ``r`` of interleaved ``w`` [rows, row_bytes] into ``out`` float32[k]."""
+    if qtype == PackedType.Q4_0_X8:
+        n_half, chunks = 1, 4
+    elif qtype == PackedType.Q4_1_X8:
+        n_half, chunks = 2, 4
+    else:
+        n_half, chunks = 1, 8
+    g, i = r // GROUP, r % GROUP
+    grp = w[g * GROUP:(g + 1) * GROUP].reshape(-1)
+    block = GROUP * (2 * n_half + 4 * chunks)
+    for b in range(out.shape[0] // QK):
+        o = b * block
+        d = load_f16(grp, o + 2 * i)
+        y = out[b * QK:(b + 1) * QK]
+        if chunks == 8:
+            for c in range(8):
+                for j in range(4):
+                    v = np.int32(grp[o + 16 + 32 * c + 4 * i + j])
+                    y[4 * c + j] = d * np.float32(v - 256 if v > 127 else v)
+            continue
+        m = load_f16(grp, o + 16 + 2 * i) if n_half == 2 else np.float32(0.0)
+        shift = 0 if n_half == 2 else 8
+        for c in range(4):
+            for j in range(4):
+                v = np.int32(grp[o + 16 * n_half + 32 * c + 4 * i + j])
+                y[4 * c + j] = d * np.float32((v & 15) - shift) + m
+                y[16 + 4 * c + j] = d * np.float32((v >> 4) - shift) + m
+
+
+# --- the kernels -----------------------------------------------------------------------------
+
+def _dots(builder):
+    """``dots(pairs)`` -> 8 × int32: ``Σ`` over ``(q, y)`` pairs of the lane-wise 4-byte dots of
+    unsigned ``q`` and signed ``y`` (32 bytes each), as independent short chains.
+
+    With VNNI: ``vpdpbusd`` in chains of two. Without: ``vpmaddubsw`` per pair, the int16 sums of
+    up to 8 pairs added (Q4 quants ≤ 15: 8 · 2 · 15 · 127 < 2^15), one ``vpmaddwd`` per 8 pairs.
+    """
+    if HAVE_AVX512_VNNI:
+        dp = _fn(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [_V8I32, _V8I32, _V8I32])
+
+        def dots(pairs, exact16=True):
+            chains = []
+            for a in range(0, len(pairs), 2):
+                acc = ir.Constant(_V8I32, [0] * 8)
+                for q, y in pairs[a:a + 2]:
+                    acc = builder.call(dp, [acc, builder.bitcast(q, _V8I32), y])
+                chains.append(acc)
+            return _tree(builder, chains)
+        return dots
+    maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
+    maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
+    ones = ir.Constant(_V16I16, [1] * 16)
+
+    def dots(pairs, exact16=True):
+        per = 8 if exact16 else 1         # pairs whose int16 sums may be added before vpmaddwd
+        parts = []
+        for a in range(0, len(pairs), per):
+            p16 = _tree(builder, [builder.call(maddubs, [q, builder.bitcast(y, _V32I8)])
+                                  for q, y in pairs[a:a + per]])
+            parts.append(builder.call(maddwd, [p16, ones]))
+        return _tree(builder, parts)
+    return dots
+
+
+def _tree(builder, values):
+    while len(values) > 1:
+        values = [builder.add(values[i], values[i + 1]) if i + 1 < len(values) else values[i]
+                  for i in range(0, len(values), 2)]
+    return values[0]
+
+
+def _f16x8(builder, ptr, at):
+    bits = _load(builder, ptr, at, _V8I16)
+    return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), 8)), _V8F32)
+
+
+def _unpack_block(builder, kind, g_ptr, at):
+    """(d, m, quants) of the block at byte ``at`` of a group: the 8 row scales (and Q4_1 mins)
+    as 8 × float32, and ``(q, activation byte offset, sign)`` per 32-byte quant vector."""
+    intp = at.type
+    n_half = _LAYOUTS[_BASE_OF[kind]][2]
+    d8 = _f16x8(builder, g_ptr, at)
+    m8 = _f16x8(builder, g_ptr, builder.add(at, ir.Constant(intp, 16))) if kind == _Q4_1 else None
+    q_at = builder.add(at, ir.Constant(intp, 16 * n_half))
+    low = ir.Constant(_V32I8, [0x0F] * 32)
+    quants = []
+    for ch in range(8 if kind == _Q8_0 else 4):
+        v = _load(builder, g_ptr, builder.add(q_at, ir.Constant(intp, 32 * ch)), _V32I8)
+        if kind == _Q8_0:
+            if HAVE_AVX512_VNNI:        # w + 128 as unsigned; P subtracts 128·S
+                quants.append((builder.xor(v, ir.Constant(_V32I8, [0x80] * 32)), 4 * ch, None))
+            else:                       # |w| · (sign(w) · y): vpmaddubsw without saturation
+                quants.append((builder.call(_psign(builder), [v, v]), 4 * ch, v))
+            continue
+        hi = builder.bitcast(builder.lshr(builder.bitcast(v, _V16I16),
+                                          ir.Constant(_V16I16, [4] * 16)), _V32I8)
+        quants.append((builder.and_(v, low), 4 * ch, None))
+        quants.append((builder.and_(hi, low), 16 + 4 * ch, None))
+    return d8, m8, quants
+
+
+def _psign(builder):
+    return _fn(builder, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8])
+
+
+_OFFSET = {_Q4_0: -8.0, _Q8_0: -128.0 if HAVE_AVX512_VNNI else 0.0, _Q4_1: 0.0}
+"""−c: the multiple of the block sum S to add when the dot ran on the quants plus c."""
+
+
+def _emit_tile(builder, kind, g_ptrs, toks, nb):
+    """``len(g_ptrs)`` groups × ``len(toks)`` tokens over all ``nb`` blocks; returns the
+    8 × float32 results ``[group][token]``."""
+    intp = nb.type
+    step = GROUP * _LAYOUTS[_BASE_OF[kind]][1]
+    dots = _dots(builder)
+    fma = _fn(builder, "llvm.fma.v8f32", _V8F32, [_V8F32, _V8F32, _V8F32])
+    zero = ir.Constant(_V8F32, [0.0] * 8)
+    accs = [[cgutils.alloca_once_value(builder, zero) for _ in toks] for _ in g_ptrs]
+    accms = [[cgutils.alloca_once_value(builder, zero) for _ in toks] for _ in g_ptrs]
+
+    def c(v):
+        return ir.Constant(intp, v)
+
+    with cgutils.for_range(builder, nb) as loop:
+        b = loop.index
+        at = builder.mul(b, c(step))
+        blocks = [_unpack_block(builder, kind, g_ptr, at) for g_ptr in g_ptrs]
+        x_at = builder.mul(b, c(QK))
+        f_at = builder.mul(b, c(4))
+        for t, tok in enumerate(toks):
+            ys = {}                     # activation offset -> its 4 bytes in every lane
+            xd = _splat(builder, _load(builder, tok.xd, f_at, _F32), _V8F32)
+            xs = _splat(builder, _load(builder, tok.xs, f_at, _F32), _V8F32)
+            for gi, (d8, m8, quants) in enumerate(blocks):
+                pairs = []
+                for q, off, sgn in quants:
+                    if off not in ys:
+                        ys[off] = _splat(builder, _load(builder, tok.x, builder.add(x_at, c(off)),
+                                                        _I32), _V8I32)
+                    y = ys[off]
+                    if sgn is not None:
+                        y = builder.bitcast(builder.call(_psign(builder), [
+                            builder.bitcast(y, _V32I8), sgn]), _V8I32)
+                    pairs.append((q, y))
+                p = builder.sitofp(dots(pairs, exact16=kind != _Q8_0), _V8F32)
+                if _OFFSET[kind]:       # p − c·Σ xq: integers below 2^24, exact in float32
+                    p = builder.call(fma, [xs, ir.Constant(_V8F32, [_OFFSET[kind]] * 8), p])
+                acc = accs[gi][t]
+                builder.store(builder.call(fma, [p, builder.fmul(d8, xd), builder.load(acc)]), acc)
+                if m8 is not None:
+                    accm = accms[gi][t]
+                    builder.store(builder.call(fma, [m8, xs, builder.load(accm)]), accm)
+    res = [[builder.load(a) for a in row] for row in accs]
+    if kind == _Q4_1:
+        res = [[builder.fadd(r, builder.load(m)) for r, m in zip(rr, mm)]
+               for rr, mm in zip(res, accms)]
+    return res
+
+
+TILE_GROUPS, TILE_TOKENS = 2, 4
+"""A token's tile: 2 groups (16 rows, each activation load serves both); 4 tokens: 1 group."""
+
+
+def _rows_codegen(kind):
+    """Codegen of ``(w, r0, r1, xq, xd, xs, out)``: ``out[t, r] = W[r] · x_t`` for the groups
+    of rows ``r0 .. r1`` (multiples of 8) and every token. Tokens go 4 at a time through one
+    group, the rest one at a time through two groups half a run apart (two sequential streams,
+    each activation load used for 16 rows), then the odd group."""
+    def codegen(context, builder, sig, args):
+        w = context.make_array(sig.args[0])(context, builder, args[0])
+        arrays = [context.make_array(ty)(context, builder, a)
+                  for ty, a in zip(sig.args[3:-1], args[3:-1])]
+        out = context.make_array(sig.args[-1])(context, builder, args[-1])
+        n, nb = cgutils.unpack_tuple(builder, arrays[1].shape, 2)
+        intp = nb.type
+
+        def c(v):
+            return ir.Constant(intp, v)
+        r0 = context.cast(builder, args[1], sig.args[1], types.intp)
+        r1 = context.cast(builder, args[2], sig.args[2], types.intp)
+        g_bytes = builder.mul(cgutils.unpack_tuple(builder, w.strides, 2)[0], c(GROUP))
+        o_stride = cgutils.unpack_tuple(builder, out.strides, 2)[0]
+        g0 = builder.udiv(r0, c(GROUP))
+        n_groups = builder.udiv(builder.sub(r1, r0), c(GROUP))
+
+        def run(groups, t, n_toks):
+            g_ptrs = [_byte_ptr(builder, w.data, builder.mul(g, g_bytes)) for g in groups]
+            toks = [_Token(builder, arrays, builder.add(t, c(s))) for s in range(n_toks)]
+            res = _emit_tile(builder, kind, g_ptrs, toks, nb)
+            for gi, g in enumerate(groups):
+                for s in range(n_toks):
+                    at = builder.add(builder.mul(builder.add(t, c(s)), o_stride),
+                                     builder.mul(g, c(4 * GROUP)))
+                    builder.store(res[gi][s], _typed_ptr(builder, out.data, at, _V8F32), align=4)
+
+        full_t = builder.udiv(n, c(TILE_TOKENS))
+        t_end = builder.mul(full_t, c(TILE_TOKENS))
+        with cgutils.for_range(builder, n_groups) as lg:
+            with cgutils.for_range(builder, full_t) as lt:
+                run([builder.add(g0, lg.index)], builder.mul(lt.index, c(TILE_TOKENS)),
+                    TILE_TOKENS)
+        half = builder.udiv(n_groups, c(TILE_GROUPS))
+        with cgutils.for_range(builder, builder.sub(n, t_end)) as lt:
+            t = builder.add(t_end, lt.index)
+            with cgutils.for_range(builder, half) as lg:
+                first = builder.add(g0, lg.index)
+                run([builder.add(first, builder.mul(half, c(i))) for i in range(TILE_GROUPS)],
+                    t, 1)
+            g_last = builder.add(g0, builder.mul(half, c(TILE_GROUPS)))
+            with cgutils.for_range(builder, builder.sub(builder.add(g0, n_groups), g_last)) as lg:
+                run([builder.add(g_last, lg.index)], t, 1)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+_TABLES = (types.int8, types.float32, types.float32)
+_rows_q4_0_x8 = rows_intrinsic("_rows_q4_0_x8", _rows_codegen(_Q4_0), _TABLES)
+_rows_q4_1_x8 = rows_intrinsic("_rows_q4_1_x8", _rows_codegen(_Q4_1), _TABLES)
+_rows_q8_0_x8 = rows_intrinsic("_rows_q8_0_x8", _rows_codegen(_Q8_0), _TABLES)
+
+
+@kernel
+def rows_x8(qtype, w, r0, r1, xq, xd, xs, out):
+    """``out[t, r] = W[r] · x_t`` for interleaved ``w`` (rows ``r0 .. r1``, multiples of 8),
+    every token of the 2-D int8 tables (Q4_0/Q8_0: ``xs`` from :func:`block_sums`)."""
+    if qtype == PackedType.Q4_0_X8:
+        _rows_q4_0_x8(w, r0, r1, xq, xd, xs, out)
+    elif qtype == PackedType.Q4_1_X8:
+        _rows_q4_1_x8(w, r0, r1, xq, xd, xs, out)
+    elif qtype == PackedType.Q8_0_X8:
+        _rows_q8_0_x8(w, r0, r1, xq, xd, xs, out)

@@ -1,0 +1,235 @@
+"""quant.interleaved: rows repacked 8 at a time — the layout against a numpy reference, the
+kernels against the documented arithmetic (bit for bit) and the dequantized weights, every
+driver (mat-vec, prompt tiles, threads, stacks, row lookup) and the errors."""
+from __future__ import annotations
+
+import re
+
+import numba
+import numpy as np
+import pytest
+
+import quant
+from cpuinfer.errors import CpuinferError
+from cpuinfer.gguf import GGMLType
+from quant import interleaved as il
+from quant import kernels, legacy
+from quant_helpers import random_matrix
+
+pytestmark = pytest.mark.skipif(not il.HAVE_X8, reason="this CPU has no AVX2/FMA/F16C")
+
+TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
+
+
+def _halves(a: np.ndarray) -> np.ndarray:
+    return a.copy().view(np.float16).astype(np.float32)
+
+
+def _emulated(w: np.ndarray, t: GGMLType, x: np.ndarray) -> np.ndarray:
+    """The module docstring's arithmetic in numpy, on GGUF rows: per block the exact integer dot
+    P, ``acc = fma(P, f32(d · xd), acc)`` in block order (float64 holds P · s exactly, so one
+    rounding to float32 is the fma's), plus Q4_1's ``fma(m, xs, acc_m)`` chain."""
+    n, k = x.shape
+    nb = k // 32
+    xq = np.zeros((n, k), np.int8)
+    xd = np.zeros((n, nb), np.float32)
+    xs = np.zeros((n, nb), np.float32)
+    for i in range(n):
+        legacy.quantize_act_q8(x[i], xq[i], xd[i], xs[i])
+    size = quant.FORMATS[t].type_size
+    blocks = w.reshape(w.shape[0], nb, size)
+    d = _halves(blocks[:, :, 0:2])[..., 0]                                   # [rows, nb]
+    if t == GGMLType.Q8_0:
+        q = blocks[:, :, 2:].view(np.int8).astype(np.int64)
+    else:
+        qs = blocks[:, :, 4 if t == GGMLType.Q4_1 else 2:]
+        q = np.concatenate([qs & 15, qs >> 4], axis=2).astype(np.int64)
+        if t == GGMLType.Q4_0:
+            q -= 8
+    y = xq.reshape(n, nb, 32).astype(np.int64)
+    P = np.einsum("rbj,tbj->trb", q, y)                                      # exact integers
+    scale = (d[None, :, :] * xd[:, None, :]).astype(np.float32)              # f32(d · xd)
+    acc = np.zeros((n, w.shape[0]), np.float32)
+    for b in range(nb):
+        acc = (P[:, :, b].astype(np.float64) * scale[:, :, b] + acc).astype(np.float32)
+    if t == GGMLType.Q4_1:
+        m = _halves(blocks[:, :, 2:4])[..., 0]
+        accm = np.zeros_like(acc)
+        for b in range(nb):
+            accm = (m[None, :, b].astype(np.float64) * xs[:, None, b] + accm).astype(np.float32)
+        acc = acc + accm
+    return acc
+
+
+def _packed_matmul(p, code, x, rows):
+    out = np.full((x.shape[0], rows), np.nan, np.float32)
+    quant.matmul(p, code, x, out)
+    return out
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_layout_matches_reference_and_round_trips(t):
+    rng = np.random.default_rng(1)
+    for rows, k in ((8, 32), (24, 96), (40, 576)):
+        w = random_matrix(rng, t, rows, k)
+        ref = il.pack_ref(w, t)
+        assert ref.shape == w.shape and not np.array_equal(ref, w)
+        np.testing.assert_array_equal(il.unpack_ref(ref, t), w)
+        p, code = quant.pack(w, t)
+        assert code == il.PACKED[t] and np.array_equal(p, ref)
+        # group 0, block 0: the 8 row scales first, then row i's quants 4 bytes at a time
+        flat = p.reshape(-1)
+        np.testing.assert_array_equal(flat[0:16].reshape(8, 2), w[:8, 0:2])
+        first_q = 4 if t == GGMLType.Q4_1 else 2
+        head = 32 if t == GGMLType.Q4_1 else 16
+        np.testing.assert_array_equal(flat[head:head + 32].reshape(8, 4), w[:8, first_q:first_q + 4])
+        inplace = w.copy()
+        quant.pack(inplace, t, out=inplace)
+        np.testing.assert_array_equal(inplace, ref)
+        stack = np.stack([w, w[::-1].copy()])                       # experts: each packed alone
+        ps, _ = quant.pack(stack, t)
+        np.testing.assert_array_equal(ps[1], il.pack_ref(stack[1], t))
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_kernels_give_the_documented_arithmetic_bit_for_bit(t):
+    """Decode (1 token: two groups a half run apart, then an odd group), prompt tiles (4 tokens
+    through one group, then singles), token blocks of 16, 1 and 2 threads, row counts that leave
+    an odd group per thread."""
+    rng = np.random.default_rng(2)
+    for rows, k in ((8, 32), (24, 64), (56, 96), (136, 576)):
+        w = random_matrix(rng, t, rows, k)
+        p, code = quant.pack(w, t)
+        for n in (1, 2, 3, 4, 5, 9, 17):
+            x = rng.standard_normal((n, k)).astype(np.float32)
+            want = _emulated(w, t, x)
+            for threads in (1, 2):
+                quant.set_threads(threads)
+                got = _packed_matmul(p, code, x, rows)
+                np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32),
+                                              err_msg=f"{t.name} {rows}x{k} n={n} t={threads}")
+    quant.set_threads(2)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_kernels_match_dequantized_weights_and_row_kernels(t):
+    rng = np.random.default_rng(3)
+    rows, k, n = 64, 1024, 6
+    w = random_matrix(rng, t, rows, k)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    x[:, 5] = 30.0                                                  # an outlier channel
+    p, code = quant.pack(w, t)
+    got = _packed_matmul(p, code, x, rows)
+    rows_out = np.empty_like(got)
+    quant.matmul(w, t, x, rows_out)
+    np.testing.assert_allclose(got, rows_out, rtol=1e-5, atol=1e-5 * np.abs(rows_out).max())
+    W = quant.dequantize(w, t, k).astype(np.float64)
+    exact = x.astype(np.float64) @ W.T                              # float activations
+    bound = np.abs(x).reshape(n, -1, 32).max(axis=2) / 127 * (0.5 + 127 * 2.0 ** -11)
+    bound = bound @ np.abs(W).reshape(rows, -1, 32).sum(axis=2).T + 1e-4
+    assert (np.abs(got - exact) <= bound).all()
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_row_lookup_and_dequantize_read_the_interleaved_layout(t):
+    rng = np.random.default_rng(4)
+    rows, k = 48, 128
+    w = random_matrix(rng, t, rows, k)
+    p, code = quant.pack(w, t)
+    W = quant.dequantize(w, t, k)
+    np.testing.assert_array_equal(quant.dequantize(p, code, k), W)
+    ids = np.array([0, 7, 8, 47, 19, 19])
+    out = np.empty((len(ids), k), np.float32)
+    quant.get_rows(p, code, ids, out)
+    np.testing.assert_array_equal(out, W[ids])
+
+
+def test_packed_stack_runs_in_one_region():
+    """matvec_stack (one token's experts) over a packed [E, rows, row_bytes] stack."""
+    rng = np.random.default_rng(5)
+    t, E, rows, k = GGMLType.Q4_0, 4, 40, 256
+    ws = np.stack([random_matrix(rng, t, rows, k) for _ in range(E)])
+    ps, code = quant.pack(ws, t)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    sel = np.array([3, 1])
+    out = np.empty((2, rows), np.float32)
+    scratch = np.empty(quant.scratch_size(code, 2, k), np.uint8)
+    kernels.matvec_stack(int(code), ps, sel, x, out, scratch)
+    for j, e in enumerate(sel):
+        np.testing.assert_array_equal(out[j].view(np.uint32),
+                                      _emulated(ws[e], t, x[j:j + 1])[0].view(np.uint32))
+
+
+def test_bad_packing_requests_raise_one_line_errors():
+    rng = np.random.default_rng(6)
+    w = random_matrix(rng, GGMLType.Q4_0, 12, 64)
+    assert not quant.can_pack(GGMLType.Q4_0, 12) and not quant.can_pack(GGMLType.Q4_K, 16)
+    assert not quant.can_pack(9999, 16) and quant.can_pack(GGMLType.Q8_0, 16)
+    with pytest.raises(CpuinferError, match=r"pack: cannot interleave Q4_0 uint8 \[12, 36\]"):
+        quant.pack(w, GGMLType.Q4_0)
+    with pytest.raises(CpuinferError, match="cannot interleave Q6_K"):
+        quant.pack(random_matrix(rng, GGMLType.Q6_K, 16, 256), GGMLType.Q6_K)
+    x = np.zeros((1, 64), np.float32)
+    with pytest.raises(CpuinferError, match="Q4_0_X8 needs a multiple of 8 rows, w has 12"):
+        quant.matmul(w, quant.PackedType.Q4_0_X8, x, np.zeros((1, 12), np.float32))
+    good = random_matrix(rng, GGMLType.Q4_0, 16, 64)
+    with pytest.raises(CpuinferError, match="out must be a writable"):
+        quant.pack(good, GGMLType.Q4_0, out=np.zeros((16, 35), np.uint8))
+
+
+def _fresh_asm(name: str) -> str:
+    """Assembly of an uncached copy of the Q4_0 interleaved driver (numba cannot inspect code
+    loaded from its cache)."""
+    cached = kernels.rows_x8
+    fn = numba.njit(**{k: v for k, v in cached.targetoptions.items()
+                       if k not in ("cache", "nopython")})(cached.py_func)
+    w = np.zeros((8, 36), np.uint8)
+    xq, xd, xs = np.zeros((1, 64), np.int8), np.ones((1, 2), np.float32), np.zeros((1, 2), np.float32)
+    fn(int(quant.PackedType[name]), w, 0, 8, xq, xd, xs, np.zeros((1, 8), np.float32))
+    return "\n".join(fn.inspect_asm().values())
+
+
+def test_interleaved_kernels_are_vector_code():
+    asm = _fresh_asm("Q4_0_X8")
+    dot = r"\bvpdpbusd\b" if il.HAVE_AVX512_VNNI else r"\bvpmaddubsw\b"
+    assert re.search(dot + r"[^\n]*%ymm", asm)
+    assert re.search(r"\bvcvtph2ps\b[^\n]*%ymm", asm)                 # 8 row scales at once
+    assert re.search(r"\bvfmadd\w*ps\b[^\n]*%ymm", asm)
+    assert not re.search(r"\bvhaddps\b|\bvextractf128\b", asm)        # no horizontal sums
+
+
+_AVX2_CHECK = """
+import sys
+import numpy as np
+sys.path.insert(0, "tests")
+import quant
+from quant import interleaved as il
+from quant_helpers import random_matrix
+from test_interleaved import TYPES, _emulated, _packed_matmul
+assert il.HAVE_X8 and not il.HAVE_AVX512_VNNI
+rng = np.random.default_rng(7)
+for t in TYPES:
+    for rows, k, n in ((24, 64, 1), (56, 576, 5), (8, 32, 17)):
+        w = random_matrix(rng, t, rows, k)
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        p, code = quant.pack(w, t)
+        got = _packed_matmul(p, code, x, rows)
+        assert np.array_equal(got.view(np.uint32), _emulated(w, t, x).view(np.uint32)), (t, rows, n)
+print("OK")
+"""
+
+
+def test_interleaved_kernels_compiled_for_an_avx2_only_cpu(tmp_path):
+    """Without VNNI the byte dots are ``vpmaddubsw`` + ``vpmaddwd`` (Q4: eight int16 sums added
+    before one ``vpmaddwd``; Q8_0: ``|w|`` times ``sign(w)·y``) and give the same bits (a
+    separate process: numba's target CPU is fixed per process)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_avx512 import _AVX2_ONLY
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), **_AVX2_ONLY)
+    r = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True,
+                       text=True, timeout=900, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]

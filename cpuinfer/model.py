@@ -106,7 +106,7 @@ class Model:
     """A GGUF model ready to run. Use :func:`cpuinfer.load`."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, n_ctx: int | None = None,
-                 n_batch: int = DEFAULT_BATCH, numa="auto"):
+                 n_batch: int = DEFAULT_BATCH, numa="auto", repack: bool = True):
         from numa.placement import setup as numa_setup
 
         from .tokenizer import load_tokenizer
@@ -123,7 +123,7 @@ class Model:
         family = importlib.import_module(f".models.{self.info.family}", __package__)
         # NUMA placement (numa/): None when there is nothing to do (off, or auto on one node)
         self._numa = numa_setup(self.gguf, numa, threads)
-        loader = TensorLoader(self.gguf, place=self._numa.place if self._numa is not None else None)
+        loader = TensorLoader(self.gguf, placement=self._numa, repack=repack)
         self.family = family.Family(self.gguf, self.info, loader)
         if self._numa is not None:
             self._numa.close()      # copy threads are done once the weights are bound
@@ -261,9 +261,11 @@ class Model:
 
 
 def load(path: str | os.PathLike, threads: int | None = None, n_ctx: int | None = None,
-         numa="auto") -> Model:
+         numa="auto", repack: bool = True) -> Model:
     """Map a GGUF model and prepare it to run. The weights stay in the file's page cache unless
     ``numa`` (``auto``, ``off``, ``interleave``, ``distribute``, ``isolate[:NODE]`` or a
     :class:`numa.plan.NumaSpec`) places them on several NUMA nodes; ``auto`` = ``distribute``
-    when this process can run on more than one node, else nothing at all. See the README, section NUMA."""
-    return Model(path, threads=threads, n_ctx=n_ctx, numa=numa)
+    when this process can run on more than one node, else nothing at all. See the README, section NUMA.
+    ``repack`` (default on, as llama.cpp's CPU repacking) copies Q4_0/Q4_1/Q8_0 matrices into an
+    8-row interleaved layout at load where the CPU has AVX2 (README, section Speed)."""
+    return Model(path, threads=threads, n_ctx=n_ctx, numa=numa, repack=repack)

@@ -89,9 +89,9 @@ class MoeWeights:
 
     def kernel_args(self) -> tuple:
         """Raw blocks and type codes of router and experts for :func:`moe_kernel`."""
-        return (int(self.gate_inp.ggml_type), self.gate_inp.raw, self.probs_b,
-                int(self.gate.ggml_type), self.gate.raw, int(self.up.ggml_type), self.up.raw,
-                int(self.down.ggml_type), self.down.raw)
+        return (self.gate_inp.qtype, self.gate_inp.raw, self.probs_b,
+                self.gate.qtype, self.gate.raw, self.up.qtype, self.up.raw,
+                self.down.qtype, self.down.raw)
 
 
 class MoeBuffers:
@@ -119,7 +119,7 @@ class MoeBuffers:
         need = [1]      # activation scratch for the largest need of any layer's formats
         for w in layers:
             for qt, k_ in ((w.gate, d_model), (w.up, d_model), (w.down, c.n_ff), (w.gate_inp, d_model)):
-                need.append(int(qk.act_scratch_bytes(int(qt.ggml_type), rows, k_)))
+                need.append(int(qk.act_scratch_bytes(qt.qtype, rows, k_)))
         self.scratch = np.zeros(max(need), np.uint8)
 
     def kernel_args(self) -> tuple:
@@ -303,7 +303,7 @@ def moe_ffn(c: MoeConfig, w: MoeWeights, x: np.ndarray, out: np.ndarray, b: MoeB
     if n > b.xs.shape[0] or out.shape != x.shape or x.shape[1] != b.xs.shape[1]:
         raise CpuinferError(f"moe_ffn: x {list(x.shape)} / out {list(out.shape)} do not fit buffers for "
                             f"{b.xs.shape[0]} tokens of {b.xs.shape[1]}")
-    quant.check_matmul(w.gate_inp.raw, w.gate_inp.ggml_type, x, b.logits[:n], b.scratch)
+    quant.check_matmul(w.gate_inp.raw, w.gate_inp.qtype, x, b.logits[:n], b.scratch)
     moe_kernel(x, out, c.kernel_args(), w.kernel_args(), b.kernel_args())
 
 

@@ -25,16 +25,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
     p.add_argument("--numa", default="auto", metavar="POLICY",
                    help="NUMA placement: auto, off, interleave, distribute, isolate[:NODE] (default auto)")
+    p.add_argument("--no-repack", action="store_true",
+                   help="compute from the file's row order (default: Q4_0/Q4_1/Q8_0 matrices are "
+                        "copied 8 rows interleaved at load, for speed)")
     p.add_argument("--hide-think", action="store_true", help="hide <think>…</think> reasoning")
     p.add_argument("--verbose", action="store_true", help="print load details")
 
 
-def load_with_progress(path: str, threads: int | None, n_ctx: int | None, show: bool, numa: str = "auto"):
+def load_with_progress(path: str, threads: int | None, n_ctx: int | None, show: bool, numa: str = "auto",
+                       repack: bool = True):
     """Load the model and warm the kernels, with a progress display on a terminal."""
     import cpuinfer
 
     if not show:
-        m = cpuinfer.load(path, threads=threads, n_ctx=n_ctx, numa=numa)
+        m = cpuinfer.load(path, threads=threads, n_ctx=n_ctx, numa=numa, repack=repack)
         m.warmup()
         return m
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -42,7 +46,7 @@ def load_with_progress(path: str, threads: int | None, n_ctx: int | None, show: 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   transient=True, console=_stderr_console()) as prog:
         task = prog.add_task(f"mapping {path}", total=2)
-        m = cpuinfer.load(path, threads=threads, n_ctx=n_ctx, numa=numa)
+        m = cpuinfer.load(path, threads=threads, n_ctx=n_ctx, numa=numa, repack=repack)
         prog.update(task, advance=1, description="compiling kernels (cached on disk after the first run)")
         m.warmup()
         prog.update(task, advance=1)
@@ -72,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     path = args.model or str(bundled_model_path())
     t0 = time.perf_counter()
-    model = load_with_progress(path, args.threads, args.ctx, show=sys.stderr.isatty(), numa=args.numa)
+    model = load_with_progress(path, args.threads, args.ctx, show=sys.stderr.isatty(), numa=args.numa,
+                               repack=not args.no_repack)
     if args.verbose:
         print(f"{model!r} loaded in {time.perf_counter() - t0:.2f} s; KV cache "
               f"{model.kv_bytes_per_token} bytes/token", file=sys.stderr)

@@ -1,7 +1,11 @@
 """Weight handles over the mapped GGUF file: quantized matrices and small float vectors.
 
-A :class:`QTensor` is a zero-copy view of a matrix's blocks plus its type; multiplying by it runs
-the numba kernels of :mod:`quant` straight over the mapped bytes.
+A :class:`QTensor` is a matrix's blocks plus its type; multiplying by it runs the numba kernels of
+:mod:`quant` over them. The blocks are a zero-copy view of the mapped file, except where the
+loader repacks them (Q4_0, Q4_1, Q8_0 with rows a multiple of 8, on CPUs with AVX2: 8 rows
+interleaved, :mod:`quant.interleaved`, like llama.cpp's CPU repacking — a one-time copy at load
+that streams at memory speed on one core where the GGUF row order does not) or a NUMA placement
+copies them to their nodes (:mod:`numa.placement`).
 """
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 import quant
+from numa import memory
+
 from .gguf import GGMLType
 
 from .errors import CpuinferError
@@ -20,9 +26,14 @@ from .gguf import GGUFFile
 class QTensor:
     name: str
     raw: np.ndarray          # uint8 [rows, row_bytes] (or [experts, rows, row_bytes])
-    ggml_type: GGMLType
+    ggml_type: GGMLType      # the type in the file
     rows: int
     cols: int
+    qtype: int = -1          # the kernels' type code: int(ggml_type), or the repacked layout's
+
+    def __post_init__(self):
+        if self.qtype < 0:
+            object.__setattr__(self, "qtype", int(self.ggml_type))
 
     @property
     def nbytes(self) -> int:
@@ -30,10 +41,10 @@ class QTensor:
 
     def matmul(self, x: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
         """out[n, rows] = x[n, cols] @ Wᵀ; ``scratch`` from :func:`matmul_scratch` (no allocation)."""
-        quant.matmul(self.raw, self.ggml_type, x, out, scratch)
+        quant.matmul(self.raw, self.qtype, x, out, scratch)
 
     def get_rows(self, ids: np.ndarray, out: np.ndarray) -> None:
-        quant.get_rows(self.raw, self.ggml_type, ids, out)
+        quant.get_rows(self.raw, self.qtype, ids, out)
 
 
 def matmul_scratch(n_batch: int, max_cols: int) -> np.ndarray:
@@ -48,12 +59,14 @@ def matmul_scratch(n_batch: int, max_cols: int) -> np.ndarray:
 class TensorLoader:
     """Looks tensors up by name in a GGUF file and checks their shape and type before use."""
 
-    def __init__(self, gguf: GGUFFile, place=None):
-        """``place(info, raw) -> array`` (optional, from :mod:`numa.placement`) may hand back a
-        node-placed copy of a matrix's mapped bytes for the model to compute from."""
+    def __init__(self, gguf: GGUFFile, placement=None, repack: bool = True):
+        """``placement`` (optional, a :class:`numa.placement.Placement`) may hand back a
+        node-placed copy of a matrix's mapped bytes for the model to compute from; ``repack``
+        interleaves the matrices whose type and row count allow it (:func:`quant.can_pack`)."""
         self.gguf = gguf
         self.path = gguf.path
-        self.place = place
+        self.placement = placement
+        self.repack = repack
         for info in gguf.tensors.values():
             quant.check_supported(info.ggml_type, info.name, gguf.path)
 
@@ -67,13 +80,36 @@ class TensorLoader:
                                 f"expected {list(shape)} from the metadata")
         return info
 
-    def matrix(self, name: str, rows: int, cols: int) -> QTensor:
-        info = self._info(name, (rows, cols))
-        return QTensor(name, self._raw(info), info.ggml_type, rows, cols)
+    def matrix(self, name: str, rows: int, cols: int, pack: bool = True) -> QTensor:
+        """A 2-D weight matrix; ``pack=False`` keeps the file's row order (for a table that is
+        only looked up by row)."""
+        return self._tensor(self._info(name, (rows, cols)), rows, cols, pack)
 
-    def _raw(self, info) -> np.ndarray:
+    def embeddings_and_output(self, embd_name: str, out_name: str, n_vocab: int,
+                              d: int) -> tuple[QTensor, QTensor]:
+        """The token embedding table and the output head — the same tensor when the file ties
+        them (no ``out_name``); the table is repacked only then, as it is otherwise only read
+        a row per token."""
+        if not self.has(out_name):
+            embd = self.matrix(embd_name, n_vocab, d)
+            return embd, embd
+        return self.matrix(embd_name, n_vocab, d, pack=False), self.matrix(out_name, n_vocab, d)
+
+    def _tensor(self, info, rows: int, cols: int, pack: bool) -> QTensor:
         raw = self.gguf.raw(info)
-        return self.place(info, raw) if self.place is not None else raw
+        placed = self.placement.place(info, raw) if self.placement is not None else raw
+        if not (pack and self.repack and quant.can_pack(info.ggml_type, rows)):
+            return QTensor(info.name, placed, info.ggml_type, rows, cols)
+        if placed is raw:
+            packed, qtype = quant.pack(raw, info.ggml_type)
+            _unmap(raw)
+        else:                  # a private node-placed copy: interleave in place, pages stay put
+            placed.flags.writeable = True
+            packed, qtype = quant.pack(placed, info.ggml_type, out=placed)
+        packed.flags.writeable = False
+        if self.placement is not None:
+            self.placement.replace(info.name, packed)
+        return QTensor(info.name, packed, info.ggml_type, rows, cols, int(qtype))
 
     def vector(self, name: str, n: int) -> np.ndarray:
         """A small 1-D float tensor (norm weight, bias) as float32: a view when stored as F32."""
@@ -88,8 +124,16 @@ class TensorLoader:
 
     def stacked(self, name: str, n: int, rows: int, cols: int) -> QTensor:
         """A stack of ``n`` equally shaped matrices stored as one 3-D tensor (the routed experts
-        ``ffn_*_exps``, or MLA's per-head ``attn_k_b``/``attn_v_b``). ``raw`` is the zero-copy
-        uint8 view [n, rows, row_bytes], so ``raw[i]`` is matrix ``i``'s rows; ``rows``/``cols``
-        describe one matrix and ``nbytes`` counts all ``n``."""
-        info = self._info(name, (n, rows, cols))
-        return QTensor(name, self._raw(info), info.ggml_type, rows, cols)
+        ``ffn_*_exps``, or MLA's per-head ``attn_k_b``/``attn_v_b``). ``raw`` is uint8
+        [n, rows, row_bytes] (each matrix repacked on its own), so ``raw[i]`` is matrix ``i``'s
+        rows; ``rows``/``cols`` describe one matrix and ``nbytes`` counts all ``n``."""
+        return self._tensor(self._info(name, (n, rows, cols)), rows, cols, pack=True)
+
+
+def _unmap(raw: np.ndarray) -> None:
+    """Drop this process's mapped pages of a tensor now held elsewhere, so its bytes count once
+    in the resident set (the kernel keeps them as reclaimable page cache: a reload is fast)."""
+    try:
+        memory.madvise(memory.array_address(raw), raw.nbytes, memory.MADV_DONTNEED)
+    except OSError:
+        pass

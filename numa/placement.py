@@ -63,6 +63,7 @@ class PlacedTensor:
     array: np.ndarray                  # what the model computes from
     copied: bool
     pages: list | None = None          # [(node, p0, p1)] page owners of the copy (None: no owner map)
+    repacked: bool = False             # rows interleaved at load (quant.interleaved)
 
     @property
     def group(self) -> str:
@@ -201,6 +202,16 @@ class Placement:
         out.flags.writeable = False
         self.tensors[info.name] = PlacedTensor(info.name, spec, out, True, pages)
         return out
+
+    def replace(self, name: str, array: np.ndarray) -> None:
+        """Record that the model computes tensor ``name`` from ``array`` now (the loader repacked
+        it: in place in a copy, which keeps its page owners, or into new memory)."""
+        t = self.tensors[name]
+        if array is not t.array and not t.copied:
+            first, n = memory.page_span(memory.array_address(array), array.nbytes)
+            t.pages = [(self.plan.topology.node_ids[0], 0, n)] if t.pages is not None else None
+        t.array = array
+        t.repacked = True
 
     def _drop_file_pages(self, info, raw: np.ndarray) -> None:
         """Forget the file's copy of a tensor that now lives in anonymous memory: unmap our pages

@@ -12,6 +12,7 @@ import pytest
 
 from cpuinfer.errors import CpuinferError
 from numa import memory
+from quant import interleaved
 from numa.plan import (ROW_TILE, MatrixSpec, NumaSpec, assign_experts, expert_imbalance, make_plan,
                        page_partition, split_proportional, static_schedule)
 from numa.topology import format_cpulist, parse_cpulist, parse_meminfo, read_topology
@@ -316,10 +317,14 @@ def test_model_pages_and_logits_under_policy(policy, reference_logits):
         assert plan.policy == spec.policy and plan.pinned
         tensors = model_tensors(m)
         assert {t.copied for t in tensors} == {bool(spec.copy)}
+        assert any(t.repacked for t in tensors) == interleaved.HAVE_X8   # Q8_0 matrices
         if spec.copy:
             for t in tensors:          # the model computes from the anonymous copies, not the file
                 assert not t.array.flags.writeable and memory.array_address(t.array) % memory.PAGE == 0
-                assert np.array_equal(t.array.reshape(-1), m.gguf.raw(m.gguf.tensors[t.name]).reshape(-1))
+                info = m.gguf.tensors[t.name]
+                raw = m.gguf.raw(info)
+                want = interleaved.pack_ref(raw, info.ggml_type) if t.repacked else raw
+                assert np.array_equal(t.array.reshape(-1), want.reshape(-1))
         if not memory.syscalls().available:
             return
         rep = residency(tensors, plan)

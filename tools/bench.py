@@ -121,18 +121,19 @@ def _mean_std(xs):
 
 def bench_model(path: str, threads: list[int], n_prompt: int, n_gen: int, reps: int,
                 vs_llama_cpp: bool = False, measure_bandwidth: bool = True,
-                numa: str = "auto") -> list[BenchRecord]:
+                numa: str = "auto", repack: bool = True) -> list[BenchRecord]:
     """One record per thread count. Means ± spread are over ``reps``; ``extra`` carries the best
     repetition (``pp_tps_best``, ``tg_tps_best``, and with llama.cpp ``llama_cpp_*_best``), which
     the throughput regression tests compare because it is the least disturbed by other load."""
     import cpuinfer
 
-    model = cpuinfer.load(path, threads=threads[0], n_ctx=n_prompt + n_gen + 1, numa=numa)
+    model = cpuinfer.load(path, threads=threads[0], n_ctx=n_prompt + n_gen + 1, numa=numa, repack=repack)
     records = []
     for t in threads:
         from quant.jit import set_threads
         if model.numa_plan is not None and t != model.threads:   # pinned threads and placed
-            model = cpuinfer.load(path, threads=t, n_ctx=n_prompt + n_gen + 1, numa=numa)  # rows follow t
+            model = cpuinfer.load(path, threads=t, n_ctx=n_prompt + n_gen + 1, numa=numa,
+                                  repack=repack)                                    # rows follow t
         else:
             set_threads(t)
         timers, peer = [cpuinfer_timer(model, n_prompt, n_gen)], None
@@ -310,6 +311,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="instead: time to first token of `cpuinfer run -p` in a new process, first and second start")
     p.add_argument("--numa", default="auto", metavar="POLICY",
                    help="NUMA placement: auto, off, interleave, distribute, isolate[:NODE] (default auto)")
+    p.add_argument("--no-repack", action="store_true",
+                   help="run the file's row order (default: Q4_0/Q4_1/Q8_0 interleaved at load)")
 
 
 def run_ttft(paths: list[str], threads: list[int], as_json: bool, out=None) -> int:
@@ -346,6 +349,7 @@ def command_line(args: argparse.Namespace, threads: list[int]) -> str:
     parts += ["--vs-llama-cpp"] * bool(args.vs_llama_cpp) + ["--no-bandwidth"] * bool(args.no_bandwidth)
     if args.numa != "auto":
         parts += ["--numa", args.numa]
+    parts += ["--no-repack"] * bool(args.no_repack)
     return " ".join(shlex.quote(p) for p in parts + ["--markdown"])
 
 
@@ -363,7 +367,8 @@ def run(args: argparse.Namespace) -> int:
     records = []
     for path in paths:
         records += bench_model(path, threads, args.n_prompt, args.n_gen, args.repetitions,
-                               args.vs_llama_cpp, not args.no_bandwidth, numa=args.numa)
+                               args.vs_llama_cpp, not args.no_bandwidth, numa=args.numa,
+                               repack=not args.no_repack)
     if not args.no_bandwidth:   # `cpuinfer estimate` takes this machine's efficiency from here
         from tools.estimate import store_bench_records
         store_bench_records([asdict(r) for r in records])

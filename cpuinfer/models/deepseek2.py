@@ -250,9 +250,8 @@ class Weights:
                 wo=t.matrix(name(Tn.ATTN_OUT), d, nh * c.v_dim),
                 ffn_norm=t.vector(name(Tn.FFN_NORM), d),
                 ffn=ffn, moe=moe, shexp=shexp))
-        embd = t.matrix(tensor_name(Tn.TOKEN_EMBD), c.n_vocab, d)
-        out_name = tensor_name(Tn.OUTPUT)
-        output = t.matrix(out_name, c.n_vocab, d) if t.has(out_name) else embd
+        embd, output = t.embeddings_and_output(tensor_name(Tn.TOKEN_EMBD), tensor_name(Tn.OUTPUT),
+                                               c.n_vocab, d)
         return cls(embd, tuple(layers), t.vector(tensor_name(Tn.OUTPUT_NORM), d), output, c.moe.n_used,
                    tuple(_layer_inputs(L) for L in layers))
 
@@ -366,7 +365,7 @@ for _a in (_NO_MAT, _NO_VEC):
 
 
 def _m(t: QTensor | None):
-    return (_NO_MAT, -1) if t is None else (t.raw, int(t.ggml_type))
+    return (_NO_MAT, -1) if t is None else (t.raw, t.qtype)
 
 
 def _ffn_inputs(f: Ffn | None) -> tuple:

@@ -118,9 +118,8 @@ class Weights:
                 w_up=t.matrix(name(Tn.FFN_UP), c.n_ff, d),
                 w_down=t.matrix(name(Tn.FFN_DOWN), d, c.n_ff),
             ))
-        embd = t.matrix(tensor_name(Tn.TOKEN_EMBD), c.n_vocab, d)
-        out_name = tensor_name(Tn.OUTPUT)
-        output = t.matrix(out_name, c.n_vocab, d) if t.has(out_name) else embd
+        embd, output = t.embeddings_and_output(tensor_name(Tn.TOKEN_EMBD), tensor_name(Tn.OUTPUT),
+                                               c.n_vocab, d)
         return cls(token_embd=embd, layers=tuple(layers),
                    output_norm=t.vector(tensor_name(Tn.OUTPUT_NORM), d), output=output,
                    rope_freq_factors=t.optional_vector(tensor_name(Tn.ROPE_FREQS), c.rope_dims // 2),
@@ -165,7 +164,7 @@ def _layer_inputs(L: Layer) -> tuple:
     """A layer's weights as :func:`_layer` takes them: raw blocks + integer type code per matrix,
     norms, and biases (empty when absent). Built once at load."""
     def m(t: QTensor):
-        return t.raw, int(t.ggml_type)
+        return t.raw, t.qtype
     bias = [b if b is not None else _NO_BIAS for b in (L.bq, L.bk, L.bv)]
     return (L.attn_norm, *m(L.wq), *m(L.wk), *m(L.wv), *bias, *m(L.wo),
             L.ffn_norm, *m(L.w_gate), *m(L.w_up), *m(L.w_down))

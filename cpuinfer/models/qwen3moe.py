@@ -102,9 +102,8 @@ class Weights:
                     gate=t.stacked(name(Tn.FFN_GATE_EXPS), m.n_expert, m.n_ff, d),
                     up=t.stacked(name(Tn.FFN_UP_EXPS), m.n_expert, m.n_ff, d),
                     down=t.stacked(name(Tn.FFN_DOWN_EXPS), m.n_expert, d, m.n_ff))))
-        embd = t.matrix(tensor_name(Tn.TOKEN_EMBD), a.n_vocab, d)
-        out_name = tensor_name(Tn.OUTPUT)
-        output = t.matrix(out_name, a.n_vocab, d) if t.has(out_name) else embd
+        embd, output = t.embeddings_and_output(tensor_name(Tn.TOKEN_EMBD), tensor_name(Tn.OUTPUT),
+                                               a.n_vocab, d)
         return cls(embd, tuple(layers), t.vector(tensor_name(Tn.OUTPUT_NORM), d), output, m.n_used,
                    tuple(_layer_inputs(L) for L in layers))
 
@@ -141,7 +140,7 @@ class State:
 
 def _layer_inputs(L: Layer) -> tuple:
     def m(t: QTensor):
-        return t.raw, int(t.ggml_type)
+        return t.raw, t.qtype
     return (L.attn_norm, *m(L.wq), *m(L.wk), *m(L.wv), L.q_norm, L.k_norm, *m(L.wo), L.ffn_norm,
             L.moe.kernel_args())
 

@@ -1,6 +1,6 @@
 """Mat-vec / mat-mat throughput per format: GB/s of weight bytes (and G weights/s).
 
-    python -m tools.kernel_speed [--rows 4096] [--k 4096] [--n 1] [--types Q8_0,Q4_0,Q4_1]
+    python -m tools.kernel_speed [--rows 4096] [--k 4096] [--n 1] [--types Q8_0,Q4_0,Q4_1] [--repack]
 
 Runs quant.matmul on a random read-only matrix (like the mmap'd weights) at 1 and 2 threads and
 prints one line per format and thread count. Also measures a plain memory read (numpy sum over a
@@ -54,6 +54,8 @@ def main(argv=None) -> None:
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--n", type=int, default=1, help="tokens (1 = mat-vec)")
     ap.add_argument("--types", default=DEFAULT_TYPES)
+    ap.add_argument("--repack", action="store_true",
+                    help="interleave Q4_0/Q4_1/Q8_0 rows as the loader does (quant.interleaved)")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     threads = [t for t in (1, 2) if t <= max_threads()]
@@ -64,13 +66,17 @@ def main(argv=None) -> None:
     for name in args.types.split(","):
         t = GGMLType[name.strip()]
         w = _random_matrix(rng, t, args.rows, args.k)
+        code, label = t, name
+        if args.repack and quant.can_pack(t, args.rows):
+            w, code = quant.pack(w, t)
+            label = code.name
         x = rng.standard_normal((args.n, args.k)).astype(np.float32)
         out = np.empty((args.n, args.rows), np.float32)
         scratch = np.empty(max(quant.scratch_size(t, args.n, args.k), 1), np.uint8)
         for nt in threads:
             set_threads(nt)
-            dt = _time(lambda: quant.matmul(w, t, x, out, scratch=scratch))
-            print(f"{name:5s} {args.rows}x{args.k} n={args.n} threads={nt}: "
+            dt = _time(lambda: quant.matmul(w, code, x, out, scratch=scratch))
+            print(f"{label:7s} {args.rows}x{args.k} n={args.n} threads={nt}: "
                   f"{w.nbytes / dt / 1e9:6.2f} GB/s  {args.rows * args.k * args.n / dt / 1e9:6.2f} "
                   f"G weights/s  {dt * 1e6:8.1f} us")
 

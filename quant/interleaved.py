@@ -32,8 +32,9 @@ block, broadcast to 8 lanes)::
     acc  = fma(P, d · xd, acc)             d = the 8 rows' scales, xd = the token's block scale
     Q4_1 acc_m = fma(m, xs, acc_m)         out[t, 8g : 8g + 8] = acc (+ acc_m)
 
-``S = Σ xq`` of the block comes from :func:`block_sums`, which replaces the ``xs`` table for
-Q4_0/Q8_0 (Q4_1 keeps ggml's rounded ``s``); ``P`` is an integer below 2^24, exact in float32.
+``S = Σ xq`` of the block is the ``xs`` table for Q4_0/Q8_0 (``quantize_act_q8(...,
+exact_sums=True)``; Q4_1 keeps ggml's rounded ``s``); ``P`` is an integer below 2^24, exact in
+float32.
 So each block adds ``fma(exact integer dot, d · xd)`` as ggml's AVX2 row dots do; they split
 the integer over 8 lanes and sum the lanes at the end, this sums whole blocks — the results
 differ from theirs in float summation order only.
@@ -73,17 +74,16 @@ class PackedType(enum.IntEnum):
     Q8_0_X8 = 0x100 | GGMLType.Q8_0
 
 
-_Q4_0, _Q4_1, _Q8_0 = "q4_0", "q4_1", "q8_0"
-# base type -> (kind, block bytes, f16 fields before the quants, quant bytes)
-_LAYOUTS = {GGMLType.Q4_0: (_Q4_0, 18, 1, 16),
-            GGMLType.Q4_1: (_Q4_1, 20, 2, 16),
-            GGMLType.Q8_0: (_Q8_0, 34, 1, 32)}
+_Q4_0, _Q4_1, _Q8_0 = GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0
+# base type -> (block bytes, f16 fields before the quants, quant bytes)
+_LAYOUTS = {_Q4_0: (18, 1, 16),
+            _Q4_1: (20, 2, 16),
+            _Q8_0: (34, 1, 32)}
 PACKED = {base: PackedType(0x100 | base) for base in _LAYOUTS}
 """GGUF type -> its interleaved kernel type."""
 BASE = {packed: base for base, packed in PACKED.items()}
 """Interleaved kernel type -> the GGUF type it was packed from."""
 
-_BASE_OF = {kind: base for base, (kind, *_) in _LAYOUTS.items()}
 _V8I32, _V8F32, _V32I8 = ir.VectorType(_I32, 8), ir.VectorType(_F32, 8), ir.VectorType(_I8, 32)
 _V16I16, _V8I16 = ir.VectorType(_I16, 16), ir.VectorType(_I16, 8)
 
@@ -91,8 +91,8 @@ _V16I16, _V8I16 = ir.VectorType(_I16, 16), ir.VectorType(_I16, 8)
 # --- layout: numpy references and the compiled repacker --------------------------------------
 
 def _geometry(base: GGMLType):
-    _, type_size, n_half, qs_bytes = _LAYOUTS[GGMLType(base)]
-    return type_size, n_half, qs_bytes
+    """(block bytes, f16 fields before the quants, quant bytes) of a base type."""
+    return _LAYOUTS[GGMLType(base)]
 
 
 def pack_ref(raw: np.ndarray, base) -> np.ndarray:
@@ -163,7 +163,7 @@ def pack(raw: np.ndarray, base, out: np.ndarray | None = None) -> np.ndarray:
     """Interleave GGUF rows ``raw`` uint8 ``[..., rows, row_bytes]`` (``can_pack`` must hold)
     into ``out`` (a new array when None; ``raw`` itself for in place), threads in parallel."""
     type_size, n_half, qs_bytes = _geometry(base)
-    rows, rb = raw.shape[-2:]
+    rb = raw.shape[-1]
     if out is None:
         out = np.empty(raw.shape, np.uint8)
     span = GROUP * rb
@@ -171,18 +171,7 @@ def pack(raw: np.ndarray, base, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-# --- activations -----------------------------------------------------------------------------
-
-@kernel
-def block_sums(xq, xs):
-    """``xs[b] = Σ xq[32b : 32b + 32]`` (an integer, exact in float32) for the Q4_0/Q8_0
-    kernels' weight offset."""
-    for b in range(xs.shape[0]):
-        s = 0
-        for j in range(b * QK, b * QK + QK):
-            s += xq[j]
-        xs[b] = np.float32(s)
-
+# --- row lookup ------------------------------------------------------------------------------
 
 @kernel
 def dequant_row_x8(qtype, w, r, out):
@@ -263,19 +252,19 @@ def _f16x8(builder, ptr, at):
     return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), 8)), _V8F32)
 
 
-def _unpack_block(builder, kind, g_ptr, at):
+def _unpack_block(builder, base, g_ptr, at):
     """(d, m, quants) of the block at byte ``at`` of a group: the 8 row scales (and Q4_1 mins)
     as 8 × float32, and ``(q, activation byte offset, sign)`` per 32-byte quant vector."""
     intp = at.type
-    n_half = _LAYOUTS[_BASE_OF[kind]][2]
+    n_half = _LAYOUTS[base][1]
     d8 = _f16x8(builder, g_ptr, at)
-    m8 = _f16x8(builder, g_ptr, builder.add(at, ir.Constant(intp, 16))) if kind == _Q4_1 else None
+    m8 = _f16x8(builder, g_ptr, builder.add(at, ir.Constant(intp, 16))) if base == _Q4_1 else None
     q_at = builder.add(at, ir.Constant(intp, 16 * n_half))
     low = ir.Constant(_V32I8, [0x0F] * 32)
     quants = []
-    for ch in range(8 if kind == _Q8_0 else 4):
+    for ch in range(8 if base == _Q8_0 else 4):
         v = _load(builder, g_ptr, builder.add(q_at, ir.Constant(intp, 32 * ch)), _V32I8)
-        if kind == _Q8_0:
+        if base == _Q8_0:
             if HAVE_AVX512_VNNI:        # w + 128 as unsigned; P subtracts 128·S
                 quants.append((builder.xor(v, ir.Constant(_V32I8, [0x80] * 32)), 4 * ch, None))
             else:                       # |w| · (sign(w) · y): vpmaddubsw without saturation
@@ -296,11 +285,11 @@ _OFFSET = {_Q4_0: -8.0, _Q8_0: -128.0 if HAVE_AVX512_VNNI else 0.0, _Q4_1: 0.0}
 """−c: the multiple of the block sum S to add when the dot ran on the quants plus c."""
 
 
-def _emit_tile(builder, kind, g_ptrs, toks, nb):
+def _emit_tile(builder, base, g_ptrs, toks, nb):
     """``len(g_ptrs)`` groups × ``len(toks)`` tokens over all ``nb`` blocks; returns the
     8 × float32 results ``[group][token]``."""
     intp = nb.type
-    step = GROUP * _LAYOUTS[_BASE_OF[kind]][1]
+    step = GROUP * _LAYOUTS[base][0]
     dots = _dots(builder)
     fma = _fn(builder, "llvm.fma.v8f32", _V8F32, [_V8F32, _V8F32, _V8F32])
     zero = ir.Constant(_V8F32, [0.0] * 8)
@@ -313,7 +302,7 @@ def _emit_tile(builder, kind, g_ptrs, toks, nb):
     with cgutils.for_range(builder, nb) as loop:
         b = loop.index
         at = builder.mul(b, c(step))
-        blocks = [_unpack_block(builder, kind, g_ptr, at) for g_ptr in g_ptrs]
+        blocks = [_unpack_block(builder, base, g_ptr, at) for g_ptr in g_ptrs]
         x_at = builder.mul(b, c(QK))
         f_at = builder.mul(b, c(4))
         for t, tok in enumerate(toks):
@@ -331,16 +320,16 @@ def _emit_tile(builder, kind, g_ptrs, toks, nb):
                         y = builder.bitcast(builder.call(_psign(builder), [
                             builder.bitcast(y, _V32I8), sgn]), _V8I32)
                     pairs.append((q, y))
-                p = builder.sitofp(dots(pairs, exact16=kind != _Q8_0), _V8F32)
-                if _OFFSET[kind]:       # p − c·Σ xq: integers below 2^24, exact in float32
-                    p = builder.call(fma, [xs, ir.Constant(_V8F32, [_OFFSET[kind]] * 8), p])
+                p = builder.sitofp(dots(pairs, exact16=base != _Q8_0), _V8F32)
+                if _OFFSET[base]:       # p − c·Σ xq: integers below 2^24, exact in float32
+                    p = builder.call(fma, [xs, ir.Constant(_V8F32, [_OFFSET[base]] * 8), p])
                 acc = accs[gi][t]
                 builder.store(builder.call(fma, [p, builder.fmul(d8, xd), builder.load(acc)]), acc)
                 if m8 is not None:
                     accm = accms[gi][t]
                     builder.store(builder.call(fma, [m8, xs, builder.load(accm)]), accm)
     res = [[builder.load(a) for a in row] for row in accs]
-    if kind == _Q4_1:
+    if base == _Q4_1:
         res = [[builder.fadd(r, builder.load(m)) for r, m in zip(rr, mm)]
                for rr, mm in zip(res, accms)]
     return res
@@ -350,7 +339,7 @@ TILE_GROUPS, TILE_TOKENS = 2, 4
 """A token's tile: 2 groups (16 rows, each activation load serves both); 4 tokens: 1 group."""
 
 
-def _rows_codegen(kind):
+def _rows_codegen(base):
     """Codegen of ``(w, r0, r1, xq, xd, xs, out)``: ``out[t, r] = W[r] · x_t`` for the groups
     of rows ``r0 .. r1`` (multiples of 8) and every token. Tokens go 4 at a time through one
     group, the rest one at a time through two groups half a run apart (two sequential streams,
@@ -375,7 +364,7 @@ def _rows_codegen(kind):
         def run(groups, t, n_toks):
             g_ptrs = [_byte_ptr(builder, w.data, builder.mul(g, g_bytes)) for g in groups]
             toks = [_Token(builder, arrays, builder.add(t, c(s))) for s in range(n_toks)]
-            res = _emit_tile(builder, kind, g_ptrs, toks, nb)
+            res = _emit_tile(builder, base, g_ptrs, toks, nb)
             for gi, g in enumerate(groups):
                 for s in range(n_toks):
                     at = builder.add(builder.mul(builder.add(t, c(s)), o_stride),
@@ -412,7 +401,8 @@ _rows_q8_0_x8 = rows_intrinsic("_rows_q8_0_x8", _rows_codegen(_Q8_0), _TABLES)
 @kernel
 def rows_x8(qtype, w, r0, r1, xq, xd, xs, out):
     """``out[t, r] = W[r] · x_t`` for interleaved ``w`` (rows ``r0 .. r1``, multiples of 8),
-    every token of the 2-D int8 tables (Q4_0/Q8_0: ``xs`` from :func:`block_sums`)."""
+    every token of the 2-D int8 tables (Q4_0/Q8_0: ``xs`` the exact block sums,
+    ``quantize_act_q8(..., exact_sums=True)``)."""
     if qtype == PackedType.Q4_0_X8:
         _rows_q4_0_x8(w, r0, r1, xq, xd, xs, out)
     elif qtype == PackedType.Q4_1_X8:

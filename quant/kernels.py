@@ -29,7 +29,7 @@ tiles of 4 rows (× 4 tokens for the legacy formats) — :mod:`quant.avx512`,
 :mod:`quant.avx2` (the tiles give their bits) and the rest in portable numba loops. The float
 formats use the ``_dot_<f>`` row functions. Q4_0/Q4_1/Q8_0 matrices repacked at load 8 rows
 interleaved (:mod:`quant.interleaved`, type codes :class:`~quant.interleaved.PackedType`) run
-:data:`rows_x8` on the same int8 tables (Q4_0/Q8_0 with ``xs`` = the block sums).
+:data:`rows_x8` on the same int8 tables (Q4_0/Q8_0 with ``xs`` = the exact block sums).
 
 Scratch layout (bytes, ``n`` tokens, ``nb = k / 32``), three row-major tables back to back::
 
@@ -96,10 +96,6 @@ KERNEL_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLTy
 
 Q8_ACT_TYPES = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1)
 """Types whose matmul quantizes activations to int8 per 32-block."""
-
-PACKED_TYPES = tuple(interleaved.PackedType)
-"""Runtime layouts (rows interleaved 8 at a time at load, :mod:`quant.interleaved`) the switches
-below handle where :data:`HAVE_X8`."""
 
 Q8K_ACT_TYPES = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
 """Types whose matmul quantizes activations to Q8_K (int8 per 256-block, float32 scale)."""
@@ -382,9 +378,7 @@ def prepare_acts(qtype, x, scratch, t):
     n, k = x.shape
     if uses_q8_act(qtype):
         xq, xd, xs = act_tables(scratch, n, k)
-        quantize_act_q8(x[t], xq[t], xd[t], xs[t])
-        if qtype == _Q4_0_X8 or qtype == _Q8_0_X8:
-            interleaved.block_sums(xq[t], xs[t])
+        quantize_act_q8(x[t], xq[t], xd[t], xs[t], qtype == _Q4_0_X8 or qtype == _Q8_0_X8)
     elif uses_q8k_act(qtype):
         kq, kd, kb = act_tables_k(scratch, n, k)
         quantize_act_q8k(x[t], kq[t], kd[t], kb[t])

@@ -106,11 +106,13 @@ def _load_u32(row, pos):
 
 
 @kernel
-def quantize_act_q8(x, xq, xd, xs):
+def quantize_act_q8(x, xq, xd, xs, exact_sums=False):
     """Quantize float32 activations per 32-block: ``x ≈ xd[b] * xq[32b:32b+32]``.
 
     ``xq`` int8[k], ``xd`` float32[k/32] (scale, rounded to f16 as ggml stores it),
-    ``xs`` float32[k/32] (``f16(max|x|/127 · Σ xq)``, ggml's q8_1 sum). With ``D = max|x_block| / 127`` each value is off by at
+    ``xs`` float32[k/32] (``f16(max|x|/127 · Σ xq)``, ggml's q8_1 sum; with ``exact_sums``
+    the integer ``Σ xq`` itself, exact in float32, as :mod:`quant.interleaved`'s Q4_0/Q8_0
+    kernels take it). With ``D = max|x_block| / 127`` each value is off by at
     most ``D · (1/2 + 127 · 2^-11)``: half a step plus the half-precision rounding of the scale.
     """
     nb = xd.shape[0]
@@ -127,8 +129,10 @@ def quantize_act_q8(x, xq, xd, xs):
             xq[j] = q
             s += q
         xd[b] = d
-        # ggml's q8_1 sum, used by Q4_1/Q5_1 for their min term: f16(d · Σq) with d unrounded
-        xs[b] = half_bits_to_f32(f32_to_half_bits(amax / np.float32(127.0) * np.float32(s)))
+        if exact_sums:
+            xs[b] = np.float32(s)
+        else:   # ggml's q8_1 sum, used by Q4_1/Q5_1 for their min term: f16(d · Σq), d unrounded
+            xs[b] = half_bits_to_f32(f32_to_half_bits(amax / np.float32(127.0) * np.float32(s)))
 
 
 # Q8_0 ----------------------------------------------------------------------------------------

@@ -61,6 +61,20 @@ def _emulated(w: np.ndarray, t: GGMLType, x: np.ndarray) -> np.ndarray:
     return acc
 
 
+def test_exact_block_sums_for_the_offset_formats():
+    """Q4_0/Q8_0 take ``Σ xq`` per block as an exact float instead of ggml's rounded q8_1 sum;
+    the quants and scales are the same either way."""
+    x = np.random.default_rng(0).standard_normal(256).astype(np.float32) * 3
+    tables = [(np.zeros(256, np.int8), np.zeros(8, np.float32), np.zeros(8, np.float32))
+              for _ in range(2)]
+    legacy.quantize_act_q8(x, *tables[0])
+    legacy.quantize_act_q8(x, *tables[1], True)
+    (q0, d0, _), (q1, d1, s1) = tables
+    np.testing.assert_array_equal(q0, q1)
+    np.testing.assert_array_equal(d0, d1)
+    np.testing.assert_array_equal(s1, q1.reshape(8, 32).sum(axis=1).astype(np.float32))
+
+
 def _packed_matmul(p, code, x, rows):
     out = np.full((x.shape[0], rows), np.nan, np.float32)
     quant.matmul(p, code, x, out)

@@ -134,6 +134,6 @@ def _unmap(raw: np.ndarray) -> None:
     """Drop this process's mapped pages of a tensor now held elsewhere, so its bytes count once
     in the resident set (the kernel keeps them as reclaimable page cache: a reload is fast)."""
     try:
-        memory.madvise(memory.array_address(raw), raw.nbytes, memory.MADV_DONTNEED)
+        memory.unmap_pages(raw)
     except OSError:
         pass

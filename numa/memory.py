@@ -220,6 +220,12 @@ def madvise(addr: int, nbytes: int, advice: int) -> None:
         raise OSError(e, f"madvise: {os.strerror(e)}")
 
 
+def unmap_pages(a: np.ndarray) -> None:
+    """Drop this process's pages of a file-mapped array (``MADV_DONTNEED`` over the whole pages
+    inside it): the next touch maps them from the file again. Raises OSError."""
+    madvise(array_address(a), a.nbytes, MADV_DONTNEED)
+
+
 class Arena:
     """A private anonymous mapping of ``nbytes`` (page-aligned start), nothing allocated until
     touched. ``array`` is its uint8 view; the mapping lives as long as any view of it."""

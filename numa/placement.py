@@ -167,11 +167,8 @@ class Placement:
         n_stack = int(np.prod(raw.shape[:-2])) if raw.ndim > 2 else 1
         spec = MatrixSpec(info.name, rows, raw.shape[-1], n_stack)
         if not self.plan.copy or raw.nbytes == 0:
-            pages = None
-            if self.plan.topology.n_nodes == 1:     # one node: every page is on it, wherever it is
-                first, n = memory.page_span(memory.array_address(raw), raw.nbytes)
-                pages = [(self.plan.topology.node_ids[0], 0, n)]
-            self.tensors[info.name] = PlacedTensor(info.name, spec, raw, False, pages)
+            self.tensors[info.name] = PlacedTensor(info.name, spec, raw, False,
+                                                   self._one_node_pages(raw))
             return raw
         arena = memory.Arena(raw.nbytes)
         src = raw.reshape(-1)
@@ -208,17 +205,24 @@ class Placement:
         it: in place in a copy, which keeps its page owners, or into new memory)."""
         t = self.tensors[name]
         if array is not t.array and not t.copied:
-            first, n = memory.page_span(memory.array_address(array), array.nbytes)
-            t.pages = [(self.plan.topology.node_ids[0], 0, n)] if t.pages is not None else None
+            t.pages = self._one_node_pages(array)
         t.array = array
         t.repacked = True
+
+    def _one_node_pages(self, a: np.ndarray) -> list | None:
+        """The page owners of an array nobody placed: on one node every page is on it, wherever
+        it is; on several, unknown (None)."""
+        if self.plan.topology.n_nodes != 1:
+            return None
+        _, n = memory.page_span(memory.array_address(a), a.nbytes)
+        return [(self.plan.topology.node_ids[0], 0, n)]
 
     def _drop_file_pages(self, info, raw: np.ndarray) -> None:
         """Forget the file's copy of a tensor that now lives in anonymous memory: unmap our pages
         of it, then ask the kernel to drop them from the page cache (no-op for pages someone
         else maps; never fails the load)."""
         try:
-            memory.madvise(memory.array_address(raw), raw.nbytes, memory.MADV_DONTNEED)
+            memory.unmap_pages(raw)
             if self._fd is not None and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(self._fd, int(info.offset), int(raw.nbytes), os.POSIX_FADV_DONTNEED)
         except OSError as e:

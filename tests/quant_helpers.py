@@ -1,6 +1,7 @@
 """Random test tensors for the quant tests: random bytes with sane fp16/bf16 scales."""
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from cpuinfer.gguf import GGMLType
@@ -65,3 +66,33 @@ def rowwise(dot, w: np.ndarray, xq, xd, x4) -> np.ndarray:
     """float32 [n, rows]: ``dot(w[r], xq[t], xd[t], x4[t])`` for every token and row."""
     return np.array([[dot(w[r], xq[t], xd[t], x4[t]) for r in range(w.shape[0])]
                      for t in range(xq.shape[0])], np.float32)
+
+
+def asm_of(cached, *args) -> str:
+    """Assembly of an uncached copy of the compiled function ``cached``, compiled by calling it
+    with ``args`` (numba cannot inspect code it loaded from its cache)."""
+    fn = numba.njit(**{k: v for k, v in cached.targetoptions.items()
+                       if k not in ("cache", "nopython")})(cached.py_func)
+    fn(*args)
+    return "\n".join(fn.inspect_asm().values())
+
+
+AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell",
+             "NUMBA_CPU_FEATURES": "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fsgsbase,"
+                                   "+lzcnt,+movbe,+popcnt,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,"
+                                   "+xsave"}
+"""numba's target settings for an AVX2-only CPU (Zen 2/3 EPYC, Haswell)."""
+
+
+def run_for_avx2_only(script: str, cache_dir) -> None:
+    """Run ``script`` (Python source that prints OK when its checks pass) in a new process
+    compiling for :data:`AVX2_ONLY` with its own numba cache (the target CPU is fixed per
+    process), from the repository root; assert it did."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), **AVX2_ONLY)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=900, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]

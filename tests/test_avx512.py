@@ -9,7 +9,8 @@ import pytest
 
 from cpuinfer.gguf import GGMLType
 from quant import avx2, avx512, kernels, legacy
-from quant_helpers import q8_activations, q8k_activations, random_blocks, rowwise
+from quant_helpers import (asm_of, q8_activations, q8k_activations, random_blocks, rowwise,
+                           run_for_avx2_only)
 
 HOT = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_1": GGMLType.Q4_1}
 needs_vnni = pytest.mark.skipif(not avx512.HAVE_AVX512_VNNI,
@@ -82,12 +83,9 @@ def test_avx512_odd_tail_changes_result():
 
 def _fresh_asm(cached) -> str:
     """Assembly of a fresh, uncached copy (numba cannot inspect code loaded from its cache)."""
-    fn = numba.njit(**{k: v for k, v in cached.targetoptions.items()
-                       if k not in ("cache", "nopython")})(cached.py_func)
     w = np.zeros((4, 36), np.uint8)
     xq, xd, xs = np.zeros((1, 64), np.int8), np.ones((1, 2), np.float32), np.zeros((1, 2), np.float32)
-    fn(w, 0, 4, xq, xd, xs, np.zeros((1, 4), np.float32))
-    return "\n".join(fn.inspect_asm().values())
+    return asm_of(cached, w, 0, 4, xq, xd, xs, np.zeros((1, 4), np.float32))
 
 
 @needs_vnni
@@ -177,12 +175,9 @@ def test_avx512_kquant_tiles_match_portable_dots(name):
 def test_avx512_kquant_tiles_use_zmm_byte_multiply_add(name):
     from quant import avx512_kquants
     cached = getattr(avx512_kquants, f"rows_{name}_avx512")
-    fn = numba.njit(**{k: v for k, v in cached.targetoptions.items()
-                       if k not in ("cache", "nopython")})(cached.py_func)
     w = np.zeros((4, random_blocks(np.random.default_rng(0), KQ[name], 1).size), np.uint8)
-    fn(w, 0, 4, np.zeros((1, 256), np.int8), np.ones((1, 1), np.float32),
-       np.zeros((1, 16), np.int16), np.zeros((1, 4), np.float32))
-    asm = "\n".join(fn.inspect_asm().values())
+    asm = asm_of(cached, w, 0, 4, np.zeros((1, 256), np.int8), np.ones((1, 1), np.float32),
+                 np.zeros((1, 16), np.int16), np.zeros((1, 4), np.float32))
     assert re.search(r"\bvpmaddubsw\b[^\n]*%zmm", asm)
     assert re.search(r"\bvpmaddwd\b[^\n]*%zmm", asm)
 
@@ -200,11 +195,6 @@ def test_avx512_q4_k_q6_k_tiles_bit_identical_to_avx2(name):
         ref = rowwise(getattr(avx2, f"idot_{name}_avx2"), w, xq, xd, xb)
         np.testing.assert_array_equal(_bits(out), _bits(ref))
 
-
-_AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell",
-              "NUMBA_CPU_FEATURES": "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fsgsbase,"
-                                    "+lzcnt,+movbe,+popcnt,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,"
-                                    "+xsave"}
 
 _AVX2_CHECK = """
 import sys
@@ -254,11 +244,4 @@ def test_tiles_compiled_for_an_avx2_only_cpu(tmp_path):
     two 32-byte halves (``vpmaddubsw``/``vpmaddwd`` for ``vpdpbusd``): the AVX2 row dots' bits
     for Q4_0/Q4_1/Q4_K/Q6_K, the portable dots' sums for the others; Q8_0 stays on its row dot
     (a separate process: numba's target CPU is fixed per process)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), **_AVX2_ONLY)
-    r = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True,
-                       text=True, timeout=900, cwd=Path(__file__).resolve().parent.parent)
-    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+    run_for_avx2_only(_AVX2_CHECK, tmp_path)

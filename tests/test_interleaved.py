@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 
-import numba
 import numpy as np
 import pytest
 
@@ -14,7 +13,7 @@ from cpuinfer.errors import CpuinferError
 from cpuinfer.gguf import GGMLType
 from quant import interleaved as il
 from quant import kernels, legacy
-from quant_helpers import random_matrix
+from quant_helpers import asm_of, random_matrix, run_for_avx2_only
 
 pytestmark = pytest.mark.skipif(not il.HAVE_X8, reason="this CPU has no AVX2/FMA/F16C")
 
@@ -194,13 +193,10 @@ def test_bad_packing_requests_raise_one_line_errors():
 def _fresh_asm(name: str) -> str:
     """Assembly of an uncached copy of the Q4_0 interleaved driver (numba cannot inspect code
     loaded from its cache)."""
-    cached = kernels.rows_x8
-    fn = numba.njit(**{k: v for k, v in cached.targetoptions.items()
-                       if k not in ("cache", "nopython")})(cached.py_func)
     w = np.zeros((8, 36), np.uint8)
     xq, xd, xs = np.zeros((1, 64), np.int8), np.ones((1, 2), np.float32), np.zeros((1, 2), np.float32)
-    fn(int(quant.PackedType[name]), w, 0, 8, xq, xd, xs, np.zeros((1, 8), np.float32))
-    return "\n".join(fn.inspect_asm().values())
+    return asm_of(kernels.rows_x8, int(quant.PackedType[name]), w, 0, 8, xq, xd, xs,
+                  np.zeros((1, 8), np.float32))
 
 
 def test_interleaved_kernels_are_vector_code():
@@ -237,13 +233,4 @@ def test_interleaved_kernels_compiled_for_an_avx2_only_cpu(tmp_path):
     """Without VNNI the byte dots are ``vpmaddubsw`` + ``vpmaddwd`` (Q4: eight int16 sums added
     before one ``vpmaddwd``; Q8_0: ``|w|`` times ``sign(w)·y``) and give the same bits (a
     separate process: numba's target CPU is fixed per process)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from test_avx512 import _AVX2_ONLY
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), **_AVX2_ONLY)
-    r = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True,
-                       text=True, timeout=900, cwd=Path(__file__).resolve().parent.parent)
-    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+    run_for_avx2_only(_AVX2_CHECK, tmp_path)

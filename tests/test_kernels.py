@@ -5,7 +5,6 @@ import re
 from pathlib import Path
 
 import gguf
-import numba
 import numpy as np
 import pytest
 
@@ -16,7 +15,7 @@ from quant import (FORMATS, SUPPORTED_TYPES, check_supported, dequantize, get_ro
                    row_bytes, scratch_size)
 from quant import avx2, avx512, kernels, legacy
 from quant.jit import get_threads, max_threads, set_threads
-from quant_helpers import random_matrix
+from quant_helpers import asm_of, random_matrix
 
 DATA = Path(__file__).parent / "data"
 Q8_FIXTURE = DATA / "tiny" / "llama" / "llama-Q8_0.gguf"
@@ -231,11 +230,8 @@ _VECTOR_OP = re.compile(r"\bv(pmaddwd|pmaddubsw|pdpwssd|pdpbusd|pmulld|fmadd\w*p
 
 def _fresh_asm(cached, t) -> str:
     """Assembly of a fresh, uncached copy (numba cannot inspect code loaded from its cache)."""
-    fn = numba.njit(**{k: v for k, v in cached.targetoptions.items() if k not in ("cache", "nopython")})(
-        cached.py_func)
     w = random_matrix(np.random.default_rng(0), t, 1, 64)[0]
-    fn(w, np.zeros(64, np.int8), np.ones(2, np.float32), np.zeros(2, np.float32))
-    return "\n".join(fn.inspect_asm().values())
+    return asm_of(cached, w, np.zeros(64, np.int8), np.ones(2, np.float32), np.zeros(2, np.float32))
 
 
 HOT = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_1": GGMLType.Q4_1}

@@ -10,6 +10,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from cpuinfer.errors import CpuinferError
 from cpuinfer.gguf import GGMLType, open_gguf
 from quant.kquants import KQUANT_FORMATS, QK_K
+from quant_helpers import asm_of
 
 DATA = Path(__file__).parent / "data" / "tiny" / "llama" / "llama-Q4_K_M.gguf"
 
@@ -246,13 +247,10 @@ def test_integer_dots_are_vectorized(qtype):
     in the loop body silently makes them scalar and ~3x slower)."""
     import re
 
-    import numba
     cached = getattr(kquants, f"_idot_{qtype.name.lower()}")
-    fn = numba.njit(**{k: v for k, v in cached.targetoptions.items() if k not in ("cache", "nopython")})(
-        cached.py_func)
     size = KQUANT_FORMATS[qtype].type_size
-    fn(np.zeros(2 * size, np.uint8), np.zeros(512, np.int8), np.ones(2, np.float32), np.zeros(32, np.int16))
-    asm = "\n".join(fn.inspect_asm().values())
+    asm = asm_of(cached, np.zeros(2 * size, np.uint8), np.zeros(512, np.int8),
+                 np.ones(2, np.float32), np.zeros(32, np.int16))
     assert re.search(r"\bv(pmaddwd|pmulld|pdpwssd)\b[^\n]*%[yz]mm", asm), qtype.name
 
 

@@ -1,4 +1,4 @@
-"""Legacy-format weights repacked at load 8 rows interleaved (``_X8``): Q4_0, Q4_1, Q8_0.
+"""Weights repacked at load 8 rows interleaved (``_X8``): Q4_0, Q4_1, Q8_0 and Q4_K.
 
 A GGUF row keeps its blocks back to back, so a row dot has to reduce each block's 8 int32 lanes
 to one number and splat per-row scales — about as much work per block as the multiply itself,
@@ -18,10 +18,16 @@ its blocks ``b = 0 .. nb − 1`` one after the other, ``8 · type_size`` bytes e
                                    row i's qs[4c : 4c + 4] at 16 + 32c + 4i
     Q4_1  160 bytes = d[0:16] m[16:32] qs[32:160]     (chunks as Q4_0, at 32 + 32c)
     Q8_0  272 bytes = d[0:16] qs[16:272]              (8 chunks, c = 0..7, at 16 + 32c)
+    Q4_K 1152 bytes = d[0:16] dmin[16:32]             (f16 × 8 each)
+                      scales[32:128] = row i's 12 scale bytes 4 at a time: [4s : 4s + 4] at
+                                       32 + 32s + 4i (s = 0..2)
+                      qs[128:1152] = chunk c (c = 0..31) at 128 + 32c: row i's qs[4c : 4c + 4]
 
 so one 32-byte chunk load holds the same 4 quants of every row: for Q4, its low nibbles are
 values ``4c .. 4c + 3`` and its high nibbles values ``16 + 4c .. 16 + 4c + 3`` (GGUF's nibble
-order, :mod:`quant.legacy`); for Q8_0, values ``4c .. 4c + 3``.
+order, :mod:`quant.legacy`); for Q8_0, values ``4c .. 4c + 3``; for Q4_K (``h = c // 8``,
+``l = c % 8``), low nibbles values ``64h + 4l ..`` of sub-block ``2h``, high nibbles
+``64h + 32 + 4l ..`` of sub-block ``2h + 1`` (:mod:`quant.kquants`).
 
 Per block ``b`` and token ``t`` (``y_j`` = the int32 of activation bytes ``4j .. 4j + 3`` of the
 block, broadcast to 8 lanes)::
@@ -38,6 +44,10 @@ float32.
 So each block adds ``fma(exact integer dot, d · xd)`` as ggml's AVX2 row dots do; they split
 the integer over 8 lanes and sum the lanes at the end, this sums whole blocks — the results
 differ from theirs in float summation order only.
+
+Q4_K runs on Q8_K activations with one exact integer total per 256-block and its own min term,
+the same float operations as this project's Q4_K row dots (:func:`_emit_tile_q4_k`): repacked
+or not, a Q4_K matrix gives the same bits.
 
 Repacking (:func:`pack`) needs AVX2, FMA and F16C (:data:`HAVE_X8`); :func:`pack_ref` /
 :func:`unpack_ref` are the naive numpy references the tests compare with.
@@ -57,6 +67,7 @@ from .avx2 import _F32, _I8, _I16, _I32, _fn, _load, _splat, host_has
 from .base import load_f16
 from .avx512 import HAVE_AVX512_VNNI, _Token, _byte_ptr, _typed_ptr, rows_intrinsic
 from .jit import kernel, parallel_kernel
+from .kquants import _scale_min_at
 from .legacy import QK
 
 GROUP = 8
@@ -72,13 +83,18 @@ class PackedType(enum.IntEnum):
     Q4_0_X8 = 0x100 | GGMLType.Q4_0
     Q4_1_X8 = 0x100 | GGMLType.Q4_1
     Q8_0_X8 = 0x100 | GGMLType.Q8_0
+    Q4_K_X8 = 0x100 | GGMLType.Q4_K
 
 
-_Q4_0, _Q4_1, _Q8_0 = GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0
-# base type -> (block bytes, f16 fields before the quants, quant bytes)
+_Q4_0, _Q4_1, _Q8_0, _Q4_K = GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K
+# base type -> (block bytes, f16 fields before the quants, bytes after them); Q4_K's 140 bytes
+# are its 12 scale bytes and 128 quant bytes, interleaved 4 at a time like the quants
 _LAYOUTS = {_Q4_0: (18, 1, 16),
             _Q4_1: (20, 2, 16),
-            _Q8_0: (34, 1, 32)}
+            _Q8_0: (34, 1, 32),
+            _Q4_K: (144, 2, 140)}
+QK_K = 256
+"""Values per Q4_K block."""
 PACKED = {base: PackedType(0x100 | base) for base in _LAYOUTS}
 """GGUF type -> its interleaved kernel type."""
 BASE = {packed: base for base, packed in PACKED.items()}
@@ -176,14 +192,29 @@ def pack(raw: np.ndarray, base, out: np.ndarray | None = None) -> np.ndarray:
 @kernel
 def dequant_row_x8(qtype, w, r, out):
     """Dequantize row ``r`` of interleaved ``w`` [rows, row_bytes] into ``out`` float32[k]."""
+    n_half, chunks = 1, 8
     if qtype == PackedType.Q4_0_X8:
         n_half, chunks = 1, 4
     elif qtype == PackedType.Q4_1_X8:
         n_half, chunks = 2, 4
-    else:
-        n_half, chunks = 1, 8
     g, i = r // GROUP, r % GROUP
     grp = w[g * GROUP:(g + 1) * GROUP].reshape(-1)
+    if qtype == PackedType.Q4_K_X8:            # as kquants._dequant_row_q4_k, bytes regathered
+        for b in range(out.shape[0] // QK_K):
+            o = b * GROUP * 144
+            d = load_f16(grp, o + 2 * i)
+            dmin = load_f16(grp, o + 16 + 2 * i)
+            for h in range(4):
+                sc1, m1 = _scale_min_at(grp, o + 32 + 4 * i, 2 * h, 32)
+                sc2, m2 = _scale_min_at(grp, o + 32 + 4 * i, 2 * h + 1, 32)
+                d1, dm1 = d * np.float32(sc1), dmin * np.float32(m1)
+                d2, dm2 = d * np.float32(sc2), dmin * np.float32(m2)
+                y = out[b * QK_K + 64 * h:b * QK_K + 64 * h + 64]
+                for l in range(32):
+                    q = grp[o + 128 + 32 * (8 * h + l // 4) + 4 * i + l % 4]
+                    y[l] = d1 * np.float32(q & 0xF) - dm1
+                    y[32 + l] = d2 * np.float32(q >> 4) - dm2
+        return
     block = GROUP * (2 * n_half + 4 * chunks)
     for b in range(out.shape[0] // QK):
         o = b * block
@@ -335,15 +366,127 @@ def _emit_tile(builder, base, g_ptrs, toks, nb):
     return res
 
 
-TILE_GROUPS, TILE_TOKENS = 2, 4
-"""A token's tile: 2 groups (16 rows, each activation load serves both); 4 tokens: 1 group."""
+def _lane_bytes(builder, v, picks):
+    """Per 32-bit lane of ``v`` (8 × int32) the 4 bytes ``picks`` of that lane (``None``: zero),
+    as one byte shuffle (``vpshufb``)."""
+    zero = ir.Constant(_V32I8, [0] * 32)
+    mask = [4 * i + b if b is not None else 32 for i in range(GROUP) for b in picks]
+    return builder.shuffle_vector(builder.bitcast(v, _V32I8), zero,
+                                  ir.Constant(ir.VectorType(_I32, 32), mask))
 
 
-def _rows_codegen(base):
+def _k4_head(builder, g_ptr, at):
+    """The 6-bit sub-block scales and mins of the Q4_K block at byte ``at`` of a group, every
+    lane at once (ggml's ``utmp`` shuffle of ``get_scale_min_k4``, as ``avx2.k4_scales_mins``):
+    ``(scales 0..3, scales 4..7, mins 0..3, mins 4..7)``, 8 × int32 each, one byte per value."""
+    intp = at.type
+    u0, u1, u2 = (_load(builder, g_ptr, builder.add(at, ir.Constant(intp, 32 + 32 * s)), _V8I32)
+                  for s in range(3))
+
+    def k(v):
+        return ir.Constant(_V8I32, [v] * 8)
+    high2 = [builder.shl(builder.and_(builder.lshr(u, k(6)), k(0x03030303)), k(4)) for u in (u0, u1)]
+    return (builder.and_(u0, k(0x3F3F3F3F)),
+            builder.or_(builder.and_(u2, k(0x0F0F0F0F)), high2[0]),
+            builder.and_(u1, k(0x3F3F3F3F)),
+            builder.or_(builder.and_(builder.lshr(u2, k(4)), k(0x0F0F0F0F)), high2[1]))
+
+
+CHAIN = 8
+def _emit_tile_q4_k(builder, g_ptrs, toks, nb):
+    """:func:`_emit_tile` for Q4_K on Q8_K activations (``xq``, ``xd`` per 256-block, ``xb`` =
+    int16 sums of each 16): per block and token, as ``avx2.idot_q4_k_avx2`` per row::
+
+        total = Σ_j sc_j · p_j                p_j = lane-wise Σ q · xq over 32-value sub-block j
+        mins  = Σ_j m_j · (xb[2j] + xb[2j+1])   (vpmaddwd of (m_j, m_j) and the bsum pair j)
+        acc   = fma(d · xd, float(total), acc)      acc_m = fma(−(xd · dmin), float(mins), acc_m)
+
+    and the result is ``acc + acc_m`` — exact integers, the same float operations: the same bits.
+    The block's 128 quant bytes go in 4 steps of 64 values (sub-blocks 2h, 2h + 1); a sub-block's
+    scale (or min pair) is picked out of its lane's bytes by one ``vpshufb`` where it is used."""
+    intp = nb.type
+    step = GROUP * _LAYOUTS[_Q4_K][0]
+    dots = _dots(builder)
+    maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
+    fma = _fn(builder, "llvm.fma.v8f32", _V8F32, [_V8F32, _V8F32, _V8F32])
+    zero = ir.Constant(_V8F32, [0.0] * 8)
+    accs = [[cgutils.alloca_once_value(builder, zero) for _ in toks] for _ in g_ptrs]
+    accms = [[cgutils.alloca_once_value(builder, zero) for _ in toks] for _ in g_ptrs]
+    low = ir.Constant(_V32I8, [0x0F] * 32)
+
+    def c(v):
+        return ir.Constant(intp, v)
+
+    def pick(v, j, pattern):
+        return _lane_bytes(builder, v, [j % 4 if p else None for p in pattern])
+
+    with cgutils.for_range(builder, nb) as loop:
+        b = loop.index
+        at = builder.mul(b, c(step))
+        heads = [_k4_head(builder, g_ptr, at) for g_ptr in g_ptrs]
+        x_at = builder.mul(b, c(QK_K))
+        xds = [_splat(builder, _load(builder, tok.xd, builder.mul(b, c(4)), _F32), _V8F32)
+               for tok in toks]
+        mins = [[None] * len(toks) for _ in g_ptrs]
+        for j in range(8):
+            pairs = [builder.bitcast(_splat(builder, _load(builder, tok.xs, builder.add(
+                builder.mul(b, c(32)), c(4 * j)), _I32), _V8I32), _V16I16) for tok in toks]
+            for gi, head in enumerate(heads):
+                m = builder.bitcast(pick(head[2 + j // 4], j, (1, 0, 1, 0)), _V16I16)
+                for t, pair in enumerate(pairs):
+                    part = builder.call(maddwd, [m, pair])
+                    mins[gi][t] = part if j == 0 else builder.add(mins[gi][t], part)
+        for gi, g_ptr in enumerate(g_ptrs):     # the min term first: fewer values live below
+            dm8 = _f16x8(builder, g_ptr, builder.add(at, c(16)))
+            for t, xd in enumerate(xds):
+                accm = accms[gi][t]
+                builder.store(builder.call(fma, [builder.fneg(builder.fmul(xd, dm8)),
+                                                 builder.sitofp(mins[gi][t], _V8F32),
+                                                 builder.load(accm)]), accm)
+        totals = [[None] * len(toks) for _ in g_ptrs]
+        for j in range(8):                      # sub-block j: nibbles j % 2 of chunks 8h..8h+7
+            h = j // 2
+            quants = []
+            for g_ptr, head in zip(g_ptrs, heads):
+                qs = []
+                for ch in range(8 * h, 8 * h + 8):
+                    v = _load(builder, g_ptr, builder.add(at, c(128 + 32 * ch)), _V32I8)
+                    if j % 2:
+                        v = builder.bitcast(builder.lshr(builder.bitcast(v, _V16I16),
+                                                         ir.Constant(_V16I16, [4] * 16)), _V32I8)
+                    qs.append(builder.and_(v, low))
+                quants.append((qs, builder.bitcast(pick(head[j // 4], j, (1, 0, 0, 0)), _V8I32)))
+            for t, tok in enumerate(toks):
+                ys = [_splat(builder, _load(builder, tok.x, builder.add(x_at, c(32 * j + 4 * l)),
+                                            _I32), _V8I32) for l in range(8)]
+                for gi, (qs, sc) in enumerate(quants):
+                    part = builder.mul(dots(list(zip(qs, ys))), sc)
+                    totals[gi][t] = part if j == 0 else builder.add(totals[gi][t], part)
+        for gi, g_ptr in enumerate(g_ptrs):
+            d8 = _f16x8(builder, g_ptr, at)
+            for t, xd in enumerate(xds):
+                acc = accs[gi][t]
+                builder.store(builder.call(fma, [builder.fmul(xd, d8),
+                                                 builder.sitofp(totals[gi][t], _V8F32),
+                                                 builder.load(acc)]), acc)
+    return [[builder.fadd(builder.load(a), builder.load(m)) for a, m in zip(aa, mm)]
+            for aa, mm in zip(accs, accms)]
+
+
+TILE_GROUPS, TILE_TOKENS = {_Q4_0: 2, _Q4_1: 2, _Q8_0: 2, _Q4_K: 1}, 4
+"""A token's tile: 2 groups (16 rows, each activation load serves both; Q4_K: 1, its block
+already holds 16 activation loads per 8 rows and two groups' unpacked quants spill — measured
+24-28 against 30-34 GB/s per core); 4 tokens: 1 group."""
+
+
+def _rows_codegen(base, tile_groups=None, tile_tokens=TILE_TOKENS):
     """Codegen of ``(w, r0, r1, xq, xd, xs, out)``: ``out[t, r] = W[r] · x_t`` for the groups
     of rows ``r0 .. r1`` (multiples of 8) and every token. Tokens go 4 at a time through one
-    group, the rest one at a time through two groups half a run apart (two sequential streams,
-    each activation load used for 16 rows), then the odd group."""
+    group, the rest one at a time through ``tile_groups`` groups a fraction of the run apart
+    (sequential streams, each activation load used for 8 · ``tile_groups`` rows), then the odd
+    groups."""
+    tile_groups = tile_groups or TILE_GROUPS[base]
+
     def codegen(context, builder, sig, args):
         w = context.make_array(sig.args[0])(context, builder, args[0])
         arrays = [context.make_array(ty)(context, builder, a)
@@ -364,27 +507,30 @@ def _rows_codegen(base):
         def run(groups, t, n_toks):
             g_ptrs = [_byte_ptr(builder, w.data, builder.mul(g, g_bytes)) for g in groups]
             toks = [_Token(builder, arrays, builder.add(t, c(s))) for s in range(n_toks)]
-            res = _emit_tile(builder, base, g_ptrs, toks, nb)
+            if base == _Q4_K:
+                res = _emit_tile_q4_k(builder, g_ptrs, toks, nb)
+            else:
+                res = _emit_tile(builder, base, g_ptrs, toks, nb)
             for gi, g in enumerate(groups):
                 for s in range(n_toks):
                     at = builder.add(builder.mul(builder.add(t, c(s)), o_stride),
                                      builder.mul(g, c(4 * GROUP)))
                     builder.store(res[gi][s], _typed_ptr(builder, out.data, at, _V8F32), align=4)
 
-        full_t = builder.udiv(n, c(TILE_TOKENS))
-        t_end = builder.mul(full_t, c(TILE_TOKENS))
+        full_t = builder.udiv(n, c(tile_tokens))
+        t_end = builder.mul(full_t, c(tile_tokens))
         with cgutils.for_range(builder, n_groups) as lg:
             with cgutils.for_range(builder, full_t) as lt:
-                run([builder.add(g0, lg.index)], builder.mul(lt.index, c(TILE_TOKENS)),
-                    TILE_TOKENS)
-        half = builder.udiv(n_groups, c(TILE_GROUPS))
+                run([builder.add(g0, lg.index)], builder.mul(lt.index, c(tile_tokens)),
+                    tile_tokens)
+        half = builder.udiv(n_groups, c(tile_groups))
         with cgutils.for_range(builder, builder.sub(n, t_end)) as lt:
             t = builder.add(t_end, lt.index)
             with cgutils.for_range(builder, half) as lg:
                 first = builder.add(g0, lg.index)
-                run([builder.add(first, builder.mul(half, c(i))) for i in range(TILE_GROUPS)],
+                run([builder.add(first, builder.mul(half, c(i))) for i in range(tile_groups)],
                     t, 1)
-            g_last = builder.add(g0, builder.mul(half, c(TILE_GROUPS)))
+            g_last = builder.add(g0, builder.mul(half, c(tile_groups)))
             with cgutils.for_range(builder, builder.sub(builder.add(g0, n_groups), g_last)) as lg:
                 run([builder.add(g_last, lg.index)], t, 1)
         return context.get_dummy_value()
@@ -396,6 +542,8 @@ _TABLES = (types.int8, types.float32, types.float32)
 _rows_q4_0_x8 = rows_intrinsic("_rows_q4_0_x8", _rows_codegen(_Q4_0), _TABLES)
 _rows_q4_1_x8 = rows_intrinsic("_rows_q4_1_x8", _rows_codegen(_Q4_1), _TABLES)
 _rows_q8_0_x8 = rows_intrinsic("_rows_q8_0_x8", _rows_codegen(_Q8_0), _TABLES)
+_rows_q4_k_x8 = rows_intrinsic("_rows_q4_k_x8", _rows_codegen(_Q4_K),
+                               (types.int8, types.float32, types.int16))
 
 
 @kernel
@@ -409,3 +557,11 @@ def rows_x8(qtype, w, r0, r1, xq, xd, xs, out):
         _rows_q4_1_x8(w, r0, r1, xq, xd, xs, out)
     elif qtype == PackedType.Q8_0_X8:
         _rows_q8_0_x8(w, r0, r1, xq, xd, xs, out)
+
+
+@kernel
+def rows_x8_k(qtype, w, r0, r1, xq, xd, xb, out):
+    """As :func:`rows_x8` for the interleaved K-quants, on Q8_K tables (``xb`` int16 sums of
+    each 16, :func:`quant.kquants.quantize_act_q8k`)."""
+    if qtype == PackedType.Q4_K_X8:
+        _rows_q4_k_x8(w, r0, r1, xq, xd, xb, out)

@@ -88,6 +88,7 @@ _Q6_K = int(GGMLType.Q6_K)
 _Q4_0_X8 = int(interleaved.PackedType.Q4_0_X8)
 _Q4_1_X8 = int(interleaved.PackedType.Q4_1_X8)
 _Q8_0_X8 = int(interleaved.PackedType.Q8_0_X8)
+_Q4_K_X8 = int(interleaved.PackedType.Q4_K_X8)
 
 KERNEL_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0,
                 GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q2_K, GGMLType.Q3_K,
@@ -106,21 +107,21 @@ Q8K_ACT_TYPES = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGM
 @kernel
 def is_packed(qtype):
     """True for the interleaved layouts of :mod:`quant.interleaved`."""
-    return qtype == _Q4_0_X8 or qtype == _Q4_1_X8 or qtype == _Q8_0_X8
+    return qtype == _Q4_0_X8 or qtype == _Q4_1_X8 or qtype == _Q8_0_X8 or qtype == _Q4_K_X8
 
 
 @kernel
 def uses_q8_act(qtype):
     """True when ``matmul_kernel`` runs this type on int8-quantized activations."""
     return (qtype == _Q8_0 or qtype == _Q4_0 or qtype == _Q4_1 or qtype == _Q5_0
-            or qtype == _Q5_1 or is_packed(qtype))
+            or qtype == _Q5_1 or qtype == _Q4_0_X8 or qtype == _Q4_1_X8 or qtype == _Q8_0_X8)
 
 
 @kernel
 def uses_q8k_act(qtype):
     """True when ``matmul_kernel`` runs this type on Q8_K-quantized activations."""
     return (qtype == _Q2_K or qtype == _Q3_K or qtype == _Q4_K or qtype == _Q5_K
-            or qtype == _Q6_K)
+            or qtype == _Q6_K or qtype == _Q4_K_X8)
 
 
 @kernel
@@ -254,7 +255,10 @@ def _rows_x8_none(qtype, w, r0, r1, xq, xd, xs, out):
 HAVE_X8 = interleaved.HAVE_X8
 rows_x8 = interleaved.rows_x8 if HAVE_X8 else _rows_x8_none
 """``rows_x8(qtype, w, r0, r1, xq, xd, xs, out)``: as :data:`idot_rows` for the interleaved
-layouts (``r0``, ``r1`` multiples of 8)."""
+legacy layouts (``r0``, ``r1`` multiples of 8)."""
+rows_x8_k = interleaved.rows_x8_k if HAVE_X8 else _rows_x8_none
+"""``rows_x8_k(qtype, w, r0, r1, xq, xd, xb, out)``: the same for interleaved Q4_K on Q8_K
+tables."""
 
 HAVE_KTILES = avx512_kquants.HAVE_KTILES
 krows_tiled = _krows_tiled if HAVE_KTILES else _krows_none
@@ -407,6 +411,11 @@ def mul_chunks(qtype, w, c0, c1, x, out, scratch):
         return
     q8k = uses_q8k_act(qtype)
     kq, kd, kb = act_tables_k(scratch, n if q8k else 0, k)
+    if q8k and is_packed(qtype):
+        for t0 in range(0, n, TOKEN_BLOCK):
+            t1 = min(n, t0 + TOKEN_BLOCK)
+            rows_x8_k(qtype, w, r0, r1, kq[t0:t1], kd[t0:t1], kb[t0:t1], out[t0:t1])
+        return
     if q8k and has_ktile(qtype):
         for t0 in range(0, n, TOKEN_BLOCK):
             t1 = min(n, t0 + TOKEN_BLOCK)

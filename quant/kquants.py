@@ -197,12 +197,16 @@ def dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 @kernel
-def _scale_min_at(row, so, j):
-    """6-bit (scale, min) of sub-block ``j`` from the 12 scale bytes at ``row[so:]`` (Q4_K/Q5_K)."""
+def _scale_min_at(row, so, j, stride=4):
+    """6-bit (scale, min) of sub-block ``j`` from the 12 scale bytes at ``row[so:]`` (Q4_K/Q5_K);
+    scale byte ``s`` is at ``so + (s // 4) · stride + s % 4`` (``stride`` 4: contiguous; the
+    interleaved layout of :mod:`quant.interleaved` keeps them 4 at a time ``stride`` apart)."""
+    b0 = so + j % 4                              # byte j % 4; + stride: byte j % 4 + 4; ...
     if j < 4:
-        return np.uint32(row[so + j] & 63), np.uint32(row[so + j + 4] & 63)
-    sc = (row[so + j + 4] & 0xF) | ((row[so + j - 4] >> 6) << 4)
-    mn = (row[so + j + 4] >> 4) | ((row[so + j] >> 6) << 4)
+        return np.uint32(row[b0] & 63), np.uint32(row[b0 + stride] & 63)
+    b8 = b0 + 2 * stride                         # byte j + 4
+    sc = (row[b8] & 0xF) | ((row[b0] >> 6) << 4)
+    mn = (row[b8] >> 4) | ((row[b0 + stride] >> 6) << 4)
     return np.uint32(sc), np.uint32(mn)
 
 

@@ -12,22 +12,63 @@ import quant
 from cpuinfer.errors import CpuinferError
 from cpuinfer.gguf import GGMLType
 from quant import interleaved as il
-from quant import kernels, legacy
+from quant import kernels, kquants, legacy
 from quant_helpers import asm_of, random_matrix, run_for_avx2_only
 
 pytestmark = pytest.mark.skipif(not il.HAVE_X8, reason="this CPU has no AVX2/FMA/F16C")
 
-TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
+TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K)
+
+
+def _k(t: GGMLType, k32: int) -> int:
+    """A row length for ``t`` as many blocks long as ``k32`` is for the 32-value formats."""
+    return k32 * quant.FORMATS[t].block_size // 32
 
 
 def _halves(a: np.ndarray) -> np.ndarray:
     return a.copy().view(np.float16).astype(np.float32)
 
 
+def _fma_chain(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``acc = fma(a[..., j], float32(b[..., j]), acc)`` over the last axis in float32 (float64
+    holds a product of two float32 values exactly, so one rounding is the fma's)."""
+    acc = np.zeros(np.broadcast_shapes(a.shape, b.shape)[:-1], np.float32)
+    for j in range(a.shape[-1]):
+        acc = (a[..., j].astype(np.float64) * b[..., j].astype(np.float32) + acc).astype(np.float32)
+    return acc
+
+
+def _emulated_q4_k(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Q4_K's documented arithmetic (``_emit_tile_q4_k``) in numpy on GGUF rows: per 256-block
+    the exact ``Σ_j sc_j · Σ q · xq`` and ``Σ_j m_j · bsum_j``, two fma chains, summed."""
+    n, k = x.shape
+    nb = k // 256
+    xq = np.zeros((n, k), np.int8)
+    xd = np.zeros((n, nb), np.float32)
+    xb = np.zeros((n, k // 16), np.int16)
+    for i in range(n):
+        kquants.quantize_act_q8k(x[i], xq[i], xd[i], xb[i])
+    blocks = w.reshape(-1, 144)
+    d = _halves(blocks[:, 0:2])[:, 0].reshape(-1, nb)
+    dmin = _halves(blocks[:, 2:4])[:, 0].reshape(-1, nb)
+    sc, mn = (a.astype(np.int64).reshape(-1, nb, 8) for a in kquants._scale_min_k4(blocks[:, 4:16]))
+    qs = blocks[:, 16:].reshape(-1, 4, 32)
+    q = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, nb, 8, 32).astype(np.int64)
+    y = xq.reshape(n, nb, 8, 32).astype(np.int64)
+    total = np.einsum("rbs,rbsj,tbsj->trb", sc, q, y)
+    bsum = xb.reshape(n, nb, 8, 2).astype(np.int64).sum(axis=3)
+    mins = np.einsum("rbs,tbs->trb", mn, bsum)
+    dd = (xd[:, None, :] * d[None]).astype(np.float32)
+    dm = -(xd[:, None, :] * dmin[None]).astype(np.float32)
+    return _fma_chain(dd, total) + _fma_chain(dm, mins)
+
+
 def _emulated(w: np.ndarray, t: GGMLType, x: np.ndarray) -> np.ndarray:
     """The module docstring's arithmetic in numpy, on GGUF rows: per block the exact integer dot
     P, ``acc = fma(P, f32(d · xd), acc)`` in block order (float64 holds P · s exactly, so one
     rounding to float32 is the fma's), plus Q4_1's ``fma(m, xs, acc_m)`` chain."""
+    if t == GGMLType.Q4_K:
+        return _emulated_q4_k(w, x)
     n, k = x.shape
     nb = k // 32
     xq = np.zeros((n, k), np.int8)
@@ -48,15 +89,10 @@ def _emulated(w: np.ndarray, t: GGMLType, x: np.ndarray) -> np.ndarray:
     y = xq.reshape(n, nb, 32).astype(np.int64)
     P = np.einsum("rbj,tbj->trb", q, y)                                      # exact integers
     scale = (d[None, :, :] * xd[:, None, :]).astype(np.float32)              # f32(d · xd)
-    acc = np.zeros((n, w.shape[0]), np.float32)
-    for b in range(nb):
-        acc = (P[:, :, b].astype(np.float64) * scale[:, :, b] + acc).astype(np.float32)
+    acc = _fma_chain(scale, P)
     if t == GGMLType.Q4_1:
         m = _halves(blocks[:, :, 2:4])[..., 0]
-        accm = np.zeros_like(acc)
-        for b in range(nb):
-            accm = (m[None, :, b].astype(np.float64) * xs[:, None, b] + accm).astype(np.float32)
-        acc = acc + accm
+        acc = acc + _fma_chain(m[None], xs[:, None, :])
     return acc
 
 
@@ -84,6 +120,7 @@ def _packed_matmul(p, code, x, rows):
 def test_layout_matches_reference_and_round_trips(t):
     rng = np.random.default_rng(1)
     for rows, k in ((8, 32), (24, 96), (40, 576)):
+        k = _k(t, k)
         w = random_matrix(rng, t, rows, k)
         ref = il.pack_ref(w, t)
         assert ref.shape == w.shape and not np.array_equal(ref, w)
@@ -93,8 +130,8 @@ def test_layout_matches_reference_and_round_trips(t):
         # group 0, block 0: the 8 row scales first, then row i's quants 4 bytes at a time
         flat = p.reshape(-1)
         np.testing.assert_array_equal(flat[0:16].reshape(8, 2), w[:8, 0:2])
-        first_q = 4 if t == GGMLType.Q4_1 else 2
-        head = 32 if t == GGMLType.Q4_1 else 16
+        first_q = 2 * il._LAYOUTS[t][1]                             # bytes of the f16 fields
+        head = 8 * first_q
         np.testing.assert_array_equal(flat[head:head + 32].reshape(8, 4), w[:8, first_q:first_q + 4])
         inplace = w.copy()
         quant.pack(inplace, t, out=inplace)
@@ -111,6 +148,7 @@ def test_kernels_give_the_documented_arithmetic_bit_for_bit(t):
     an odd group per thread."""
     rng = np.random.default_rng(2)
     for rows, k in ((8, 32), (24, 64), (56, 96), (136, 576)):
+        k = _k(t, k)
         w = random_matrix(rng, t, rows, k)
         p, code = quant.pack(w, t)
         for n in (1, 2, 3, 4, 5, 9, 17):
@@ -127,7 +165,7 @@ def test_kernels_give_the_documented_arithmetic_bit_for_bit(t):
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 def test_kernels_match_dequantized_weights_and_row_kernels(t):
     rng = np.random.default_rng(3)
-    rows, k, n = 64, 1024, 6
+    rows, k, n = 64, _k(t, 1024), 6
     w = random_matrix(rng, t, rows, k)
     x = rng.standard_normal((n, k)).astype(np.float32)
     x[:, 5] = 30.0                                                  # an outlier channel
@@ -135,18 +173,21 @@ def test_kernels_match_dequantized_weights_and_row_kernels(t):
     got = _packed_matmul(p, code, x, rows)
     rows_out = np.empty_like(got)
     quant.matmul(w, t, x, rows_out)
+    if t == GGMLType.Q4_K:                                          # same float operations
+        np.testing.assert_array_equal(got.view(np.uint32), rows_out.view(np.uint32))
     np.testing.assert_allclose(got, rows_out, rtol=1e-5, atol=1e-5 * np.abs(rows_out).max())
     W = quant.dequantize(w, t, k).astype(np.float64)
     exact = x.astype(np.float64) @ W.T                              # float activations
-    bound = np.abs(x).reshape(n, -1, 32).max(axis=2) / 127 * (0.5 + 127 * 2.0 ** -11)
-    bound = bound @ np.abs(W).reshape(rows, -1, 32).sum(axis=2).T + 1e-4
+    group = quant.FORMATS[t].block_size                             # activations' block
+    bound = np.abs(x).reshape(n, -1, group).max(axis=2) / 127 * (0.5 + 127 * 2.0 ** -11)
+    bound = bound @ np.abs(W).reshape(rows, -1, group).sum(axis=2).T + 1e-4
     assert (np.abs(got - exact) <= bound).all()
 
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 def test_row_lookup_and_dequantize_read_the_interleaved_layout(t):
     rng = np.random.default_rng(4)
-    rows, k = 48, 128
+    rows, k = 48, _k(t, 128)
     w = random_matrix(rng, t, rows, k)
     p, code = quant.pack(w, t)
     W = quant.dequantize(w, t, k)
@@ -176,7 +217,7 @@ def test_packed_stack_runs_in_one_region():
 def test_bad_packing_requests_raise_one_line_errors():
     rng = np.random.default_rng(6)
     w = random_matrix(rng, GGMLType.Q4_0, 12, 64)
-    assert not quant.can_pack(GGMLType.Q4_0, 12) and not quant.can_pack(GGMLType.Q4_K, 16)
+    assert not quant.can_pack(GGMLType.Q4_0, 12) and not quant.can_pack(GGMLType.Q5_K, 16)
     assert not quant.can_pack(9999, 16) and quant.can_pack(GGMLType.Q8_0, 16)
     with pytest.raises(CpuinferError, match=r"pack: cannot interleave Q4_0 uint8 \[12, 36\]"):
         quant.pack(w, GGMLType.Q4_0)
@@ -191,21 +232,31 @@ def test_bad_packing_requests_raise_one_line_errors():
 
 
 def _fresh_asm(name: str) -> str:
-    """Assembly of an uncached copy of the Q4_0 interleaved driver (numba cannot inspect code
-    loaded from its cache)."""
-    w = np.zeros((8, 36), np.uint8)
-    xq, xd, xs = np.zeros((1, 64), np.int8), np.ones((1, 2), np.float32), np.zeros((1, 2), np.float32)
-    return asm_of(kernels.rows_x8, int(quant.PackedType[name]), w, 0, 8, xq, xd, xs,
+    """Assembly of an uncached copy of an interleaved driver (numba cannot inspect code loaded
+    from its cache), for one group of 8 rows and 2 blocks."""
+    code = quant.PackedType[name]
+    base = il.BASE[code]
+    k = 2 * quant.FORMATS[base].block_size
+    w = np.zeros((8, quant.row_bytes(base, k)), np.uint8)
+    xq, xd = np.zeros((1, k), np.int8), np.ones((1, 2), np.float32)
+    if base == GGMLType.Q4_K:
+        return asm_of(kernels.rows_x8_k, int(code), w, 0, 8, xq, xd,
+                      np.zeros((1, k // 16), np.int16), np.zeros((1, 8), np.float32))
+    return asm_of(kernels.rows_x8, int(code), w, 0, 8, xq, xd, np.zeros((1, 2), np.float32),
                   np.zeros((1, 8), np.float32))
 
 
-def test_interleaved_kernels_are_vector_code():
-    asm = _fresh_asm("Q4_0_X8")
+@pytest.mark.parametrize("name", ["Q4_0_X8", "Q4_K_X8"])
+def test_interleaved_kernels_are_vector_code(name):
+    asm = _fresh_asm(name)
     dot = r"\bvpdpbusd\b" if il.HAVE_AVX512_VNNI else r"\bvpmaddubsw\b"
     assert re.search(dot + r"[^\n]*%ymm", asm)
     assert re.search(r"\bvcvtph2ps\b[^\n]*%ymm", asm)                 # 8 row scales at once
-    assert re.search(r"\bvfmadd\w*ps\b[^\n]*%ymm", asm)
+    assert re.search(r"\bvfn?madd\w*ps\b[^\n]*%ymm", asm)
     assert not re.search(r"\bvhaddps\b|\bvextractf128\b", asm)        # no horizontal sums
+    if name == "Q4_K_X8":                # sub-block scales picked per lane, multiplied as int32
+        assert re.search(r"\bvpshufb\b[^\n]*%ymm", asm)
+        assert re.search(r"\bvpmulld\b[^\n]*%ymm", asm)
 
 
 _AVX2_CHECK = """
@@ -220,6 +271,7 @@ assert il.HAVE_X8 and not il.HAVE_AVX512_VNNI
 rng = np.random.default_rng(7)
 for t in TYPES:
     for rows, k, n in ((24, 64, 1), (56, 576, 5), (8, 32, 17)):
+        k = k * quant.FORMATS[t].block_size // 32
         w = random_matrix(rng, t, rows, k)
         x = rng.standard_normal((n, k)).astype(np.float32)
         p, code = quant.pack(w, t)

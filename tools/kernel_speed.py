@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=1, help="tokens (1 = mat-vec)")
     ap.add_argument("--types", default=DEFAULT_TYPES)
     ap.add_argument("--repack", action="store_true",
-                    help="interleave Q4_0/Q4_1/Q8_0 rows as the loader does (quant.interleaved)")
+                    help="interleave rows 8 at a time as the loader does (quant.interleaved)")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     threads = [t for t in (1, 2) if t <= max_threads()]
@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     bw = buf.nbytes / _time(lambda: buf.sum())
     print(f"memory read (numpy sum, 1 thread): {bw / 1e9:6.1f} GB/s")
     for name in args.types.split(","):
-        t = GGMLType[name.strip()]
+        t = GGMLType[name.strip().upper()]
         w = _random_matrix(rng, t, args.rows, args.k)
         code, label = t, name
         if args.repack and quant.can_pack(t, args.rows):

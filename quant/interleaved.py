@@ -55,6 +55,7 @@ Repacking (:func:`pack`) needs AVX2, FMA and F16C (:data:`HAVE_X8`); :func:`pack
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
@@ -84,17 +85,44 @@ class PackedType(enum.IntEnum):
     Q4_1_X8 = 0x100 | GGMLType.Q4_1
     Q8_0_X8 = 0x100 | GGMLType.Q8_0
     Q4_K_X8 = 0x100 | GGMLType.Q4_K
+    Q6_K_X8 = 0x100 | GGMLType.Q6_K
 
 
-_Q4_0, _Q4_1, _Q8_0, _Q4_K = GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K
-# base type -> (block bytes, f16 fields before the quants, bytes after them); Q4_K's 140 bytes
-# are its 12 scale bytes and 128 quant bytes, interleaved 4 at a time like the quants
-_LAYOUTS = {_Q4_0: (18, 1, 16),
-            _Q4_1: (20, 2, 16),
-            _Q8_0: (34, 1, 32),
-            _Q4_K: (144, 2, 140)}
+class _Layout(NamedTuple):
+    """A GGUF block as the repacking sees it: ``n_half`` f16 fields at byte ``half_at``, and
+    ``rest`` other bytes (scales, quants), interleaved 4 at a time: chunk ``c`` of the group
+    block holds the rest bytes ``[4·order[c], 4·order[c] + 4)`` of each row (block order when
+    ``order`` is empty)."""
+    type_size: int
+    n_half: int
+    rest: int
+    half_at: int = 0
+    order: tuple = ()
+
+    def chunk_order(self) -> np.ndarray:
+        return np.array(self.order or range(self.rest // 4), np.int64)
+
+    def chunk_at(self, source: int) -> int:
+        """The group-block chunk that holds rest chunk ``source``."""
+        return self.order.index(source) if self.order else source
+
+
+# Q6_K in the order its kernel reads: the 16 scales, then per half n and r = 0, 1 the ql chunks
+# 16n + 4r .. (+ 3), 16n + 8 + 4r .., qh chunks 32 + 8n + 4r .. (see _Q6KTile)
+_Q6_K_ORDER = (48, 49, 50, 51) + tuple(
+    first + j for n in range(2) for r in range(2)
+    for first in (16 * n + 4 * r, 16 * n + 8 + 4 * r, 32 + 8 * n + 4 * r) for j in range(4))
+
+
+_Q4_0, _Q4_1, _Q8_0 = GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0
+_Q4_K, _Q6_K = GGMLType.Q4_K, GGMLType.Q6_K
+_LAYOUTS = {_Q4_0: _Layout(18, 1, 16),
+            _Q4_1: _Layout(20, 2, 16),
+            _Q8_0: _Layout(34, 1, 32),
+            _Q4_K: _Layout(144, 2, 140),            # 12 scale bytes, then 128 quant bytes
+            _Q6_K: _Layout(210, 1, 208, 208, _Q6_K_ORDER)}  # ql[128] qh[64] scales[16], d
 QK_K = 256
-"""Values per Q4_K block."""
+"""Values per K-quant block."""
 PACKED = {base: PackedType(0x100 | base) for base in _LAYOUTS}
 """GGUF type -> its interleaved kernel type."""
 BASE = {packed: base for base, packed in PACKED.items()}
@@ -106,21 +134,21 @@ _V16I16, _V8I16 = ir.VectorType(_I16, 16), ir.VectorType(_I16, 8)
 
 # --- layout: numpy references and the compiled repacker --------------------------------------
 
-def _geometry(base: GGMLType):
-    """(block bytes, f16 fields before the quants, quant bytes) of a base type."""
+def _geometry(base: GGMLType) -> _Layout:
     return _LAYOUTS[GGMLType(base)]
 
 
 def pack_ref(raw: np.ndarray, base) -> np.ndarray:
     """Naive reference: GGUF rows ``[..., rows, row_bytes]`` -> the interleaved bytes (new array)."""
-    type_size, n_half, qs_bytes = _geometry(base)
+    type_size, n_half, qs_bytes, h0, _ = layout = _geometry(base)
     *lead, rows, rb = raw.shape
     nb = rb // type_size
     blocks = raw.reshape(*lead, rows // GROUP, GROUP, nb, type_size)
     blocks = np.moveaxis(blocks, -3, -2)                     # [..., g, b, row i, byte]
-    halves = blocks[..., :2 * n_half].reshape(*blocks.shape[:-1], n_half, 2)
+    halves = blocks[..., h0:h0 + 2 * n_half].reshape(*blocks.shape[:-1], n_half, 2)
     halves = np.moveaxis(halves, -3, -2)                     # [..., g, b, field, row i, 2]
-    qs = blocks[..., 2 * n_half:].reshape(*blocks.shape[:-1], qs_bytes // 4, 4)
+    qs = np.concatenate([blocks[..., :h0], blocks[..., h0 + 2 * n_half:]], axis=-1)
+    qs = qs.reshape(*blocks.shape[:-1], qs_bytes // 4, 4)[..., layout.chunk_order(), :]
     qs = np.moveaxis(qs, -3, -2)                             # [..., g, b, chunk c, row i, 4]
     flat = lambda a: a.reshape(*a.shape[:len(lead) + 2], -1)  # noqa: E731
     out = np.concatenate([flat(halves), flat(qs)], axis=-1)  # [..., g, b, 8·type_size]
@@ -129,27 +157,27 @@ def pack_ref(raw: np.ndarray, base) -> np.ndarray:
 
 def unpack_ref(packed: np.ndarray, base) -> np.ndarray:
     """Naive reference inverse of :func:`pack_ref`."""
-    type_size, n_half, qs_bytes = _geometry(base)
+    type_size, n_half, qs_bytes, h0, _ = layout = _geometry(base)
     *lead, rows, rb = packed.shape
     nb = rb // type_size
     g = packed.reshape(*lead, rows // GROUP, nb, GROUP * type_size)
     halves = g[..., :16 * n_half].reshape(*g.shape[:-1], n_half, GROUP, 2)
     qs = g[..., 16 * n_half:].reshape(*g.shape[:-1], qs_bytes // 4, GROUP, 4)
+    qs = qs[..., np.argsort(layout.chunk_order()), :, :]
     halves = np.moveaxis(halves, -2, -3).reshape(*g.shape[:-1], GROUP, 2 * n_half)
     qs = np.moveaxis(qs, -2, -3).reshape(*g.shape[:-1], GROUP, qs_bytes)
-    blocks = np.concatenate([halves, qs], axis=-1)           # [..., g, b, row i, type_size]
+    blocks = np.concatenate([qs[..., :h0], halves, qs[..., h0:]], axis=-1)   # [.., row i, byte]
     blocks = np.moveaxis(blocks, -2, -3)                     # [..., g, row i, b, type_size]
     return np.ascontiguousarray(blocks.reshape(*lead, rows, rb))
 
 
 @parallel_kernel
-def _pack_groups(src, dst, type_size, n_half, qs_bytes):
+def _pack_groups(src, dst, type_size, n_half, h0, order):
     """Interleave every group of ``src`` [groups, 8 · row_bytes] into ``dst`` (same shape;
     may be ``src`` itself: each group is copied aside first)."""
     n_groups, span = src.shape
     rb = span // GROUP
     nb = rb // type_size
-    chunks = qs_bytes // 4
     for g in prange(n_groups):
         s = src[g].copy()
         d = dst[g]
@@ -158,12 +186,12 @@ def _pack_groups(src, dst, type_size, n_half, qs_bytes):
             for i in range(GROUP):
                 at = i * rb + b * type_size
                 for h in range(n_half):
-                    d[o + 16 * h + 2 * i] = s[at + 2 * h]
-                    d[o + 16 * h + 2 * i + 1] = s[at + 2 * h + 1]
-                q0 = at + 2 * n_half
-                for c in range(chunks):
+                    d[o + 16 * h + 2 * i] = s[at + h0 + 2 * h]
+                    d[o + 16 * h + 2 * i + 1] = s[at + h0 + 2 * h + 1]
+                for c in range(order.shape[0]):
+                    q = at + 4 * order[c] + (2 * n_half if 4 * order[c] >= h0 else 0)
                     for j in range(4):
-                        d[o + 16 * n_half + 32 * c + 4 * i + j] = s[q0 + 4 * c + j]
+                        d[o + 16 * n_half + 32 * c + 4 * i + j] = s[q + j]
 
 
 def can_pack(base, rows: int) -> bool:
@@ -178,16 +206,26 @@ def can_pack(base, rows: int) -> bool:
 def pack(raw: np.ndarray, base, out: np.ndarray | None = None) -> np.ndarray:
     """Interleave GGUF rows ``raw`` uint8 ``[..., rows, row_bytes]`` (``can_pack`` must hold)
     into ``out`` (a new array when None; ``raw`` itself for in place), threads in parallel."""
-    type_size, n_half, qs_bytes = _geometry(base)
+    layout = _geometry(base)
     rb = raw.shape[-1]
     if out is None:
         out = np.empty(raw.shape, np.uint8)
     span = GROUP * rb
-    _pack_groups(raw.reshape(-1, span), out.reshape(-1, span), type_size, n_half, qs_bytes)
+    _pack_groups(raw.reshape(-1, span), out.reshape(-1, span), layout.type_size, layout.n_half,
+                 layout.half_at, layout.chunk_order())
     return out
 
 
 # --- row lookup ------------------------------------------------------------------------------
+
+_Q6_K_AT = np.array([_Q6_K_ORDER.index(c) for c in range(52)], np.int64)
+
+
+@kernel
+def _q6_k_byte(grp, o, i, r):
+    """Byte ``r`` (of the 208 before ``d``) of row ``i``'s Q6_K block at byte ``o`` of a group."""
+    return np.int32(grp[o + 16 + 32 * _Q6_K_AT[r // 4] + 4 * i + r % 4])
+
 
 @kernel
 def dequant_row_x8(qtype, w, r, out):
@@ -214,6 +252,22 @@ def dequant_row_x8(qtype, w, r, out):
                     q = grp[o + 128 + 32 * (8 * h + l // 4) + 4 * i + l % 4]
                     y[l] = d1 * np.float32(q & 0xF) - dm1
                     y[32 + l] = d2 * np.float32(q >> 4) - dm2
+        return
+    if qtype == PackedType.Q6_K_X8:            # as kquants._dequant_row_q6_k, bytes regathered
+        for b in range(out.shape[0] // QK_K):
+            o = b * GROUP * 210
+            d = load_f16(grp, o + 2 * i)
+            for n in range(2):
+                for k in range(4):
+                    for h in range(2):
+                        sc = _q6_k_byte(grp, o, i, 192 + 8 * n + 2 * k + h)
+                        dl = d * np.float32(sc - 256 if sc > 127 else sc)
+                        y = out[b * QK_K + 128 * n + 32 * k + 16 * h:]
+                        for l in range(16 * h, 16 * h + 16):
+                            lo = _q6_k_byte(grp, o, i, 64 * n + 32 * (k & 1) + l)
+                            hi = _q6_k_byte(grp, o, i, 128 + 32 * n + l)
+                            q = (((lo >> (4 * (k >> 1))) & 0xF) | (((hi >> (2 * k)) & 3) << 4)) - 32
+                            y[l - 16 * h] = dl * np.float32(q)
         return
     block = GROUP * (2 * n_half + 4 * chunks)
     for b in range(out.shape[0] // QK):
@@ -242,12 +296,13 @@ def _dots(builder):
     unsigned ``q`` and signed ``y`` (32 bytes each), as independent short chains.
 
     With VNNI: ``vpdpbusd`` in chains of two. Without: ``vpmaddubsw`` per pair, the int16 sums of
-    up to 8 pairs added (Q4 quants ≤ 15: 8 · 2 · 15 · 127 < 2^15), one ``vpmaddwd`` per 8 pairs.
+    up to ``per16`` pairs added before one ``vpmaddwd`` (exact while ``per16 · 2 · max q · 127 <
+    2^15``: Q4 quants ≤ 15 allow 8, Q6_K's ≤ 63 2, Q8_0's 1).
     """
     if HAVE_AVX512_VNNI:
         dp = _fn(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [_V8I32, _V8I32, _V8I32])
 
-        def dots(pairs, exact16=True):
+        def dots(pairs, per16=8):
             chains = []
             for a in range(0, len(pairs), 2):
                 acc = ir.Constant(_V8I32, [0] * 8)
@@ -260,12 +315,11 @@ def _dots(builder):
     maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
     ones = ir.Constant(_V16I16, [1] * 16)
 
-    def dots(pairs, exact16=True):
-        per = 8 if exact16 else 1         # pairs whose int16 sums may be added before vpmaddwd
+    def dots(pairs, per16=8):
         parts = []
-        for a in range(0, len(pairs), per):
+        for a in range(0, len(pairs), per16):
             p16 = _tree(builder, [builder.call(maddubs, [q, builder.bitcast(y, _V32I8)])
-                                  for q, y in pairs[a:a + per]])
+                                  for q, y in pairs[a:a + per16]])
             parts.append(builder.call(maddwd, [p16, ones]))
         return _tree(builder, parts)
     return dots
@@ -287,7 +341,7 @@ def _unpack_block(builder, base, g_ptr, at):
     """(d, m, quants) of the block at byte ``at`` of a group: the 8 row scales (and Q4_1 mins)
     as 8 × float32, and ``(q, activation byte offset, sign)`` per 32-byte quant vector."""
     intp = at.type
-    n_half = _LAYOUTS[base][1]
+    n_half = _LAYOUTS[base].n_half
     d8 = _f16x8(builder, g_ptr, at)
     m8 = _f16x8(builder, g_ptr, builder.add(at, ir.Constant(intp, 16))) if base == _Q4_1 else None
     q_at = builder.add(at, ir.Constant(intp, 16 * n_half))
@@ -320,7 +374,7 @@ def _emit_tile(builder, base, g_ptrs, toks, nb):
     """``len(g_ptrs)`` groups × ``len(toks)`` tokens over all ``nb`` blocks; returns the
     8 × float32 results ``[group][token]``."""
     intp = nb.type
-    step = GROUP * _LAYOUTS[base][0]
+    step = GROUP * _LAYOUTS[base].type_size
     dots = _dots(builder)
     fma = _fn(builder, "llvm.fma.v8f32", _V8F32, [_V8F32, _V8F32, _V8F32])
     zero = ir.Constant(_V8F32, [0.0] * 8)
@@ -351,7 +405,7 @@ def _emit_tile(builder, base, g_ptrs, toks, nb):
                         y = builder.bitcast(builder.call(_psign(builder), [
                             builder.bitcast(y, _V32I8), sgn]), _V8I32)
                     pairs.append((q, y))
-                p = builder.sitofp(dots(pairs, exact16=base != _Q8_0), _V8F32)
+                p = builder.sitofp(dots(pairs, 1 if base == _Q8_0 else 8), _V8F32)
                 if _OFFSET[base]:       # p − c·Σ xq: integers below 2^24, exact in float32
                     p = builder.call(fma, [xs, ir.Constant(_V8F32, [_OFFSET[base]] * 8), p])
                 acc = accs[gi][t]
@@ -375,105 +429,201 @@ def _lane_bytes(builder, v, picks):
                                   ir.Constant(ir.VectorType(_I32, 32), mask))
 
 
-def _k4_head(builder, g_ptr, at):
-    """The 6-bit sub-block scales and mins of the Q4_K block at byte ``at`` of a group, every
-    lane at once (ggml's ``utmp`` shuffle of ``get_scale_min_k4``, as ``avx2.k4_scales_mins``):
-    ``(scales 0..3, scales 4..7, mins 0..3, mins 4..7)``, 8 × int32 each, one byte per value."""
-    intp = at.type
-    u0, u1, u2 = (_load(builder, g_ptr, builder.add(at, ir.Constant(intp, 32 + 32 * s)), _V8I32)
-                  for s in range(3))
-
-    def k(v):
-        return ir.Constant(_V8I32, [v] * 8)
-    high2 = [builder.shl(builder.and_(builder.lshr(u, k(6)), k(0x03030303)), k(4)) for u in (u0, u1)]
-    return (builder.and_(u0, k(0x3F3F3F3F)),
-            builder.or_(builder.and_(u2, k(0x0F0F0F0F)), high2[0]),
-            builder.and_(u1, k(0x3F3F3F3F)),
-            builder.or_(builder.and_(builder.lshr(u2, k(4)), k(0x0F0F0F0F)), high2[1]))
+def _k_const(v, ty=_V8I32):
+    return ir.Constant(ty, [v] * ty.count)
 
 
-CHAIN = 8
-def _emit_tile_q4_k(builder, g_ptrs, toks, nb):
-    """:func:`_emit_tile` for Q4_K on Q8_K activations (``xq``, ``xd`` per 256-block, ``xb`` =
-    int16 sums of each 16): per block and token, as ``avx2.idot_q4_k_avx2`` per row::
+class _Q4KTile:
+    """Q4_K in :func:`_emit_tile_k`: 8 sub-blocks of 32 (sub-block ``j``: nibbles ``j % 2`` of
+    quant chunks ``8(j // 2) ..``), unsigned 6-bit scales, a separate min term (the ``aux`` pair
+    of sub-block ``j`` is ``(m_j, m_j)``: ``Σ_j m_j · (xb[2j] + xb[2j+1])``)."""
+    base, per16, has_min = _Q4_K, 8, True
+    order = tuple(range(8))
 
-        total = Σ_j sc_j · p_j                p_j = lane-wise Σ q · xq over 32-value sub-block j
-        mins  = Σ_j m_j · (xb[2j] + xb[2j+1])   (vpmaddwd of (m_j, m_j) and the bsum pair j)
-        acc   = fma(d · xd, float(total), acc)      acc_m = fma(−(xd · dmin), float(mins), acc_m)
+    @staticmethod
+    def head(builder, g_ptr, at):
+        """The 6-bit scales and mins of every lane at once — ggml's ``utmp`` shuffle of
+        ``get_scale_min_k4`` (as ``avx2.k4_scales_mins``): ``(scales 0..3, scales 4..7,
+        mins 0..3, mins 4..7)``, 8 × int32 each, one byte per value."""
+        u0, u1, u2 = (_load(builder, g_ptr, builder.add(at, ir.Constant(at.type, 32 + 32 * s)),
+                            _V8I32) for s in range(3))
+        k = _k_const
+        high2 = [builder.shl(builder.and_(builder.lshr(u, k(6)), k(0x03030303)), k(4))
+                 for u in (u0, u1)]
+        return (builder.and_(u0, k(0x3F3F3F3F)),
+                builder.or_(builder.and_(u2, k(0x0F0F0F0F)), high2[0]),
+                builder.and_(u1, k(0x3F3F3F3F)),
+                builder.or_(builder.and_(builder.lshr(u2, k(4)), k(0x0F0F0F0F)), high2[1]))
 
-    and the result is ``acc + acc_m`` — exact integers, the same float operations: the same bits.
-    The block's 128 quant bytes go in 4 steps of 64 values (sub-blocks 2h, 2h + 1); a sub-block's
-    scale (or min pair) is picked out of its lane's bytes by one ``vpshufb`` where it is used."""
+    @staticmethod
+    def aux_pair(builder, head, j):
+        return builder.bitcast(_lane_bytes(builder, head[2 + j // 4], (j % 4, None, j % 4, None)),
+                               _V16I16)
+
+    @staticmethod
+    def scale(builder, head, j):
+        return builder.bitcast(_lane_bytes(builder, head[j // 4], (j % 4, None, None, None)),
+                               _V8I32)
+
+    @staticmethod
+    def quants(builder, g_ptr, at, j):
+        """(8 quant vectors, their activation offsets) of sub-block ``j``."""
+        h = j // 2
+        qs = []
+        for ch in range(8 * h, 8 * h + 8):
+            v = _load(builder, g_ptr, builder.add(at, ir.Constant(at.type, 128 + 32 * ch)), _V32I8)
+            if j % 2:
+                v = builder.bitcast(builder.lshr(builder.bitcast(v, _V16I16), _k_const(4, _V16I16)),
+                                    _V32I8)
+            qs.append(builder.and_(v, _k_const(0x0F, _V32I8)))
+        return qs, [32 * j + 4 * l for l in range(8)]
+
+
+class _Q6KTile:
+    """Q6_K in :func:`_emit_tile_k`: 16 sub-blocks of 16 with signed 8-bit scales; the −32
+    offset of the 6-bit quants is ``32 · Σ_s sc_s · xb[s]`` (the ``aux`` pair of dword ``u`` is
+    ``(sc_2u, sc_2u+1)``), taken off the block total before its fma, as ggml does.
+
+    Rest chunks (4 bytes of each row's 208 before ``d``): ql 0..31, qh 32..47, scales 48..51,
+    stored in the order this tile reads them (``_Q6_K_ORDER``: a sequential stream; in block
+    order the jumps between ql and qh defeated the hardware prefetcher, 12 against 26 GB/s).
+    Sub-block ``s = 8n + 2m + r`` (values ``128n + 32m + 16r ..``) is quant ``m`` of ggml's
+    loop for ``L = 4r .. 4r + 3`` (bytes ``4L ..`` of each 32)::
+
+        A = ql chunk 16n + L,  B = ql chunk 16n + 8 + L,  H = qh chunk 32 + 8n + L
+        m = 0: A & 15 | (H << 4) & 48      m = 1: B & 15 | (H << 2) & 48
+        m = 2: A >> 4 | H & 48             m = 3: B >> 4 | (H >> 2) & 48
+    """
+    base, per16, has_min = _Q6_K, 2, False
+    order = tuple(8 * n + 2 * m + r for n in range(2) for r in range(2) for m in range(4))
+
+    @staticmethod
+    def chunk(builder, g_ptr, at, c, vtype=_V32I8):
+        pos = _LAYOUTS[_Q6_K].chunk_at(c)
+        return _load(builder, g_ptr, builder.add(at, ir.Constant(at.type, 16 + 32 * pos)), vtype)
+
+    @classmethod
+    def head(cls, builder, g_ptr, at):
+        """Every lane's 16 scale bytes, 4 per 8 × int32."""
+        return tuple(cls.chunk(builder, g_ptr, at, c, _V8I32) for c in range(48, 52))
+
+    @staticmethod
+    def aux_pair(builder, head, u):
+        b = 2 * u % 4
+        pair = _lane_bytes(builder, head[u // 2], (None, b, None, b + 1))
+        return builder.ashr(builder.bitcast(pair, _V16I16), _k_const(8, _V16I16))
+
+    @staticmethod
+    def scale(builder, head, s):
+        top = _lane_bytes(builder, head[s // 4], (None, None, None, s % 4))
+        return builder.ashr(builder.bitcast(top, _V8I32), _k_const(24))
+
+    @classmethod
+    def quants(cls, builder, g_ptr, at, s):
+        n, m, r = s // 8, s % 8 // 2, s % 2
+
+        def chunk(c):
+            return cls.chunk(builder, g_ptr, at, c)
+
+        def shift(v, by):
+            w = builder.bitcast(v, _V16I16)
+            w = builder.shl(w, _k_const(by, _V16I16)) if by > 0 else \
+                builder.lshr(w, _k_const(-by, _V16I16)) if by < 0 else w
+            return builder.bitcast(w, _V32I8)
+        qs = []
+        for L in range(4 * r, 4 * r + 4):
+            low = chunk(16 * n + 8 * (m % 2) + L)
+            low = builder.and_(shift(low, -4 * (m // 2)), _k_const(15, _V32I8))
+            high = builder.and_(shift(chunk(32 + 8 * n + L), 4 - 2 * m), _k_const(48, _V32I8))
+            qs.append(builder.or_(low, high))
+        return qs, [128 * n + 32 * m + 4 * L for L in range(4 * r, 4 * r + 4)]
+
+
+_K_TILES = {_Q4_K: _Q4KTile, _Q6_K: _Q6KTile}
+
+
+def _emit_tile_k(builder, base, g_ptrs, toks, nb):
+    """:func:`_emit_tile` for the K-quants on Q8_K activations (``xq``, ``xd`` per 256-block,
+    ``xb`` = int16 sums of each 16). Per block, row and token::
+
+        p_s   = Σ q · xq over sub-block s           (lane-wise 4-byte dots, exact)
+        aux   = Σ_u vpmaddwd(pair_u, (xb[2u], xb[2u+1]))       pair_u: the format's (see above)
+        total = Σ_s sc_s · p_s                      Q6_K: minus 32 · aux
+        acc   = fma(d · xd, float(total), acc)
+        Q4_K: acc_m = fma(−(xd · dmin), float(aux), acc_m); result acc + acc_m
+
+    Q4_K's operations are this project's Q4_K row dots' (:func:`quant.avx2.idot_q4_k_avx2`):
+    the same bits. Q6_K sums one exact total per block where ggml's row dot keeps 8 float lanes:
+    they differ in float rounding only. A sub-block's scale is picked out of its lane's bytes by
+    one ``vpshufb`` where it is used, and multiplied as int32 (``vpmulld``)."""
+    spec = _K_TILES[base]
     intp = nb.type
-    step = GROUP * _LAYOUTS[_Q4_K][0]
+    step = GROUP * _LAYOUTS[base].type_size
     dots = _dots(builder)
     maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
     fma = _fn(builder, "llvm.fma.v8f32", _V8F32, [_V8F32, _V8F32, _V8F32])
     zero = ir.Constant(_V8F32, [0.0] * 8)
     accs = [[cgutils.alloca_once_value(builder, zero) for _ in toks] for _ in g_ptrs]
     accms = [[cgutils.alloca_once_value(builder, zero) for _ in toks] for _ in g_ptrs]
-    low = ir.Constant(_V32I8, [0x0F] * 32)
 
     def c(v):
         return ir.Constant(intp, v)
 
-    def pick(v, j, pattern):
-        return _lane_bytes(builder, v, [j % 4 if p else None for p in pattern])
-
     with cgutils.for_range(builder, nb) as loop:
         b = loop.index
         at = builder.mul(b, c(step))
-        heads = [_k4_head(builder, g_ptr, at) for g_ptr in g_ptrs]
+        heads = [spec.head(builder, g_ptr, at) for g_ptr in g_ptrs]
         x_at = builder.mul(b, c(QK_K))
         xds = [_splat(builder, _load(builder, tok.xd, builder.mul(b, c(4)), _F32), _V8F32)
                for tok in toks]
-        mins = [[None] * len(toks) for _ in g_ptrs]
-        for j in range(8):
+        aux = [[None] * len(toks) for _ in g_ptrs]
+        for u in range(8):
             pairs = [builder.bitcast(_splat(builder, _load(builder, tok.xs, builder.add(
-                builder.mul(b, c(32)), c(4 * j)), _I32), _V8I32), _V16I16) for tok in toks]
+                builder.mul(b, c(32)), c(4 * u)), _I32), _V8I32), _V16I16) for tok in toks]
             for gi, head in enumerate(heads):
-                m = builder.bitcast(pick(head[2 + j // 4], j, (1, 0, 1, 0)), _V16I16)
+                mult = spec.aux_pair(builder, head, u)
                 for t, pair in enumerate(pairs):
-                    part = builder.call(maddwd, [m, pair])
-                    mins[gi][t] = part if j == 0 else builder.add(mins[gi][t], part)
-        for gi, g_ptr in enumerate(g_ptrs):     # the min term first: fewer values live below
-            dm8 = _f16x8(builder, g_ptr, builder.add(at, c(16)))
-            for t, xd in enumerate(xds):
-                accm = accms[gi][t]
-                builder.store(builder.call(fma, [builder.fneg(builder.fmul(xd, dm8)),
-                                                 builder.sitofp(mins[gi][t], _V8F32),
-                                                 builder.load(accm)]), accm)
+                    part = builder.call(maddwd, [mult, pair])
+                    aux[gi][t] = part if u == 0 else builder.add(aux[gi][t], part)
         totals = [[None] * len(toks) for _ in g_ptrs]
-        for j in range(8):                      # sub-block j: nibbles j % 2 of chunks 8h..8h+7
-            h = j // 2
-            quants = []
-            for g_ptr, head in zip(g_ptrs, heads):
-                qs = []
-                for ch in range(8 * h, 8 * h + 8):
-                    v = _load(builder, g_ptr, builder.add(at, c(128 + 32 * ch)), _V32I8)
-                    if j % 2:
-                        v = builder.bitcast(builder.lshr(builder.bitcast(v, _V16I16),
-                                                         ir.Constant(_V16I16, [4] * 16)), _V32I8)
-                    qs.append(builder.and_(v, low))
-                quants.append((qs, builder.bitcast(pick(head[j // 4], j, (1, 0, 0, 0)), _V8I32)))
+        for gi, g_ptr in enumerate(g_ptrs):     # use aux first: fewer values live below
+            if spec.has_min:
+                dm8 = _f16x8(builder, g_ptr, builder.add(at, c(16)))
+                for t, xd in enumerate(xds):
+                    accm = accms[gi][t]
+                    builder.store(builder.call(fma, [builder.fneg(builder.fmul(xd, dm8)),
+                                                     builder.sitofp(aux[gi][t], _V8F32),
+                                                     builder.load(accm)]), accm)
+            else:
+                totals[gi] = [builder.neg(builder.shl(a, _k_const(5))) for a in aux[gi]]
+        for s in spec.order:
+            quants = [(*spec.quants(builder, g_ptr, at, s), spec.scale(builder, head, s))
+                      for g_ptr, head in zip(g_ptrs, heads)]
             for t, tok in enumerate(toks):
-                ys = [_splat(builder, _load(builder, tok.x, builder.add(x_at, c(32 * j + 4 * l)),
-                                            _I32), _V8I32) for l in range(8)]
-                for gi, (qs, sc) in enumerate(quants):
-                    part = builder.mul(dots(list(zip(qs, ys))), sc)
-                    totals[gi][t] = part if j == 0 else builder.add(totals[gi][t], part)
+                ys = {}
+                for gi, (qs, offs, sc) in enumerate(quants):
+                    for off in offs:
+                        if off not in ys:
+                            ys[off] = _splat(builder, _load(builder, tok.x, builder.add(
+                                x_at, c(off)), _I32), _V8I32)
+                    part = builder.mul(dots([(q, ys[off]) for q, off in zip(qs, offs)],
+                                            spec.per16), sc)
+                    totals[gi][t] = part if totals[gi][t] is None else builder.add(
+                        totals[gi][t], part)
         for gi, g_ptr in enumerate(g_ptrs):
-            d8 = _f16x8(builder, g_ptr, at)
+            d8 = _f16x8(builder, g_ptr, at)                 # the 8 d lead every block
             for t, xd in enumerate(xds):
                 acc = accs[gi][t]
                 builder.store(builder.call(fma, [builder.fmul(xd, d8),
                                                  builder.sitofp(totals[gi][t], _V8F32),
                                                  builder.load(acc)]), acc)
+    if not spec.has_min:
+        return [[builder.load(a) for a in aa] for aa in accs]
     return [[builder.fadd(builder.load(a), builder.load(m)) for a, m in zip(aa, mm)]
             for aa, mm in zip(accs, accms)]
 
 
-TILE_GROUPS, TILE_TOKENS = {_Q4_0: 2, _Q4_1: 2, _Q8_0: 2, _Q4_K: 1}, 4
+TILE_GROUPS, TILE_TOKENS = {_Q4_0: 2, _Q4_1: 2, _Q8_0: 2, _Q4_K: 1, _Q6_K: 1}, 4
 """A token's tile: 2 groups (16 rows, each activation load serves both; Q4_K: 1, its block
 already holds 16 activation loads per 8 rows and two groups' unpacked quants spill — measured
 24-28 against 30-34 GB/s per core); 4 tokens: 1 group."""
@@ -507,8 +657,8 @@ def _rows_codegen(base, tile_groups=None, tile_tokens=TILE_TOKENS):
         def run(groups, t, n_toks):
             g_ptrs = [_byte_ptr(builder, w.data, builder.mul(g, g_bytes)) for g in groups]
             toks = [_Token(builder, arrays, builder.add(t, c(s))) for s in range(n_toks)]
-            if base == _Q4_K:
-                res = _emit_tile_q4_k(builder, g_ptrs, toks, nb)
+            if base in _K_TILES:
+                res = _emit_tile_k(builder, base, g_ptrs, toks, nb)
             else:
                 res = _emit_tile(builder, base, g_ptrs, toks, nb)
             for gi, g in enumerate(groups):
@@ -542,8 +692,9 @@ _TABLES = (types.int8, types.float32, types.float32)
 _rows_q4_0_x8 = rows_intrinsic("_rows_q4_0_x8", _rows_codegen(_Q4_0), _TABLES)
 _rows_q4_1_x8 = rows_intrinsic("_rows_q4_1_x8", _rows_codegen(_Q4_1), _TABLES)
 _rows_q8_0_x8 = rows_intrinsic("_rows_q8_0_x8", _rows_codegen(_Q8_0), _TABLES)
-_rows_q4_k_x8 = rows_intrinsic("_rows_q4_k_x8", _rows_codegen(_Q4_K),
-                               (types.int8, types.float32, types.int16))
+_K_TABLES = (types.int8, types.float32, types.int16)
+_rows_q4_k_x8 = rows_intrinsic("_rows_q4_k_x8", _rows_codegen(_Q4_K), _K_TABLES)
+_rows_q6_k_x8 = rows_intrinsic("_rows_q6_k_x8", _rows_codegen(_Q6_K), _K_TABLES)
 
 
 @kernel
@@ -565,3 +716,5 @@ def rows_x8_k(qtype, w, r0, r1, xq, xd, xb, out):
     each 16, :func:`quant.kquants.quantize_act_q8k`)."""
     if qtype == PackedType.Q4_K_X8:
         _rows_q4_k_x8(w, r0, r1, xq, xd, xb, out)
+    elif qtype == PackedType.Q6_K_X8:
+        _rows_q6_k_x8(w, r0, r1, xq, xd, xb, out)

@@ -89,6 +89,7 @@ _Q4_0_X8 = int(interleaved.PackedType.Q4_0_X8)
 _Q4_1_X8 = int(interleaved.PackedType.Q4_1_X8)
 _Q8_0_X8 = int(interleaved.PackedType.Q8_0_X8)
 _Q4_K_X8 = int(interleaved.PackedType.Q4_K_X8)
+_Q6_K_X8 = int(interleaved.PackedType.Q6_K_X8)
 
 KERNEL_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0,
                 GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q2_K, GGMLType.Q3_K,
@@ -107,7 +108,8 @@ Q8K_ACT_TYPES = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGM
 @kernel
 def is_packed(qtype):
     """True for the interleaved layouts of :mod:`quant.interleaved`."""
-    return qtype == _Q4_0_X8 or qtype == _Q4_1_X8 or qtype == _Q8_0_X8 or qtype == _Q4_K_X8
+    return (qtype == _Q4_0_X8 or qtype == _Q4_1_X8 or qtype == _Q8_0_X8 or qtype == _Q4_K_X8
+            or qtype == _Q6_K_X8)
 
 
 @kernel
@@ -121,7 +123,7 @@ def uses_q8_act(qtype):
 def uses_q8k_act(qtype):
     """True when ``matmul_kernel`` runs this type on Q8_K-quantized activations."""
     return (qtype == _Q2_K or qtype == _Q3_K or qtype == _Q4_K or qtype == _Q5_K
-            or qtype == _Q6_K or qtype == _Q4_K_X8)
+            or qtype == _Q6_K or qtype == _Q4_K_X8 or qtype == _Q6_K_X8)
 
 
 @kernel
@@ -257,8 +259,8 @@ rows_x8 = interleaved.rows_x8 if HAVE_X8 else _rows_x8_none
 """``rows_x8(qtype, w, r0, r1, xq, xd, xs, out)``: as :data:`idot_rows` for the interleaved
 legacy layouts (``r0``, ``r1`` multiples of 8)."""
 rows_x8_k = interleaved.rows_x8_k if HAVE_X8 else _rows_x8_none
-"""``rows_x8_k(qtype, w, r0, r1, xq, xd, xb, out)``: the same for interleaved Q4_K on Q8_K
-tables."""
+"""``rows_x8_k(qtype, w, r0, r1, xq, xd, xb, out)``: the same for interleaved Q4_K/Q6_K on
+Q8_K tables."""
 
 HAVE_KTILES = avx512_kquants.HAVE_KTILES
 krows_tiled = _krows_tiled if HAVE_KTILES else _krows_none

@@ -17,7 +17,7 @@ from quant_helpers import asm_of, random_matrix, run_for_avx2_only
 
 pytestmark = pytest.mark.skipif(not il.HAVE_X8, reason="this CPU has no AVX2/FMA/F16C")
 
-TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K)
+TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K)
 
 
 def _k(t: GGMLType, k32: int) -> int:
@@ -38,9 +38,21 @@ def _fma_chain(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return acc
 
 
-def _emulated_q4_k(w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Q4_K's documented arithmetic (``_emit_tile_q4_k``) in numpy on GGUF rows: per 256-block
-    the exact ``Σ_j sc_j · Σ q · xq`` and ``Σ_j m_j · bsum_j``, two fma chains, summed."""
+def _q6_k_quants(blocks: np.ndarray) -> np.ndarray:
+    """The unsigned 6-bit quants of Q6_K blocks [n, 210] in value order (ggml's loop)."""
+    ql, qh = blocks[:, :128].astype(np.int64), blocks[:, 128:192].astype(np.int64)
+    q = np.empty((blocks.shape[0], 256), np.int64)
+    for n in range(2):
+        a, b, h = ql[:, 64 * n:64 * n + 32], ql[:, 64 * n + 32:64 * n + 64], qh[:, 32 * n:32 * n + 32]
+        for m, low in enumerate((a & 15, b & 15, a >> 4, b >> 4)):
+            q[:, 128 * n + 32 * m:128 * n + 32 * m + 32] = low | (((h >> 2 * m) & 3) << 4)
+    return q
+
+
+def _emulated_k(w: np.ndarray, t: GGMLType, x: np.ndarray) -> np.ndarray:
+    """The K-quant arithmetic of ``_emit_tile_k`` in numpy on GGUF rows: per 256-block the exact
+    ``total = Σ_s sc_s · Σ q · xq`` (Q6_K: on ``q − 32``) in an fma chain with ``f32(xd · d)``;
+    Q4_K plus the chain of ``f32(−(xd · dmin))`` and the exact ``Σ_j m_j · bsum_j``."""
     n, k = x.shape
     nb = k // 256
     xq = np.zeros((n, k), np.int8)
@@ -48,27 +60,32 @@ def _emulated_q4_k(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     xb = np.zeros((n, k // 16), np.int16)
     for i in range(n):
         kquants.quantize_act_q8k(x[i], xq[i], xd[i], xb[i])
-    blocks = w.reshape(-1, 144)
-    d = _halves(blocks[:, 0:2])[:, 0].reshape(-1, nb)
-    dmin = _halves(blocks[:, 2:4])[:, 0].reshape(-1, nb)
-    sc, mn = (a.astype(np.int64).reshape(-1, nb, 8) for a in kquants._scale_min_k4(blocks[:, 4:16]))
-    qs = blocks[:, 16:].reshape(-1, 4, 32)
-    q = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, nb, 8, 32).astype(np.int64)
-    y = xq.reshape(n, nb, 8, 32).astype(np.int64)
+    blocks = w.reshape(-1, quant.FORMATS[t].type_size)
+    if t == GGMLType.Q4_K:
+        d = _halves(blocks[:, 0:2])[:, 0].reshape(-1, nb)
+        sc, mn = (a.astype(np.int64).reshape(-1, nb, 8) for a in kquants._scale_min_k4(blocks[:, 4:16]))
+        qs = blocks[:, 16:].reshape(-1, 4, 32)
+        q = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, nb, 8, 32).astype(np.int64)
+    else:
+        d = _halves(blocks[:, 208:210])[:, 0].reshape(-1, nb)
+        sc = blocks[:, 192:208].view(np.int8).astype(np.int64).reshape(-1, nb, 16)
+        q = (_q6_k_quants(blocks) - 32).reshape(-1, nb, 16, 16)
+    y = xq.reshape(n, nb, sc.shape[-1], -1).astype(np.int64)
     total = np.einsum("rbs,rbsj,tbsj->trb", sc, q, y)
-    bsum = xb.reshape(n, nb, 8, 2).astype(np.int64).sum(axis=3)
-    mins = np.einsum("rbs,tbs->trb", mn, bsum)
-    dd = (xd[:, None, :] * d[None]).astype(np.float32)
-    dm = -(xd[:, None, :] * dmin[None]).astype(np.float32)
-    return _fma_chain(dd, total) + _fma_chain(dm, mins)
+    acc = _fma_chain((xd[:, None, :] * d[None]).astype(np.float32), total)
+    if t == GGMLType.Q6_K:
+        return acc
+    dmin = _halves(blocks[:, 2:4])[:, 0].reshape(-1, nb)
+    mins = np.einsum("rbs,tbs->trb", mn, xb.reshape(n, nb, 8, 2).astype(np.int64).sum(axis=3))
+    return acc + _fma_chain(-(xd[:, None, :] * dmin[None]).astype(np.float32), mins)
 
 
 def _emulated(w: np.ndarray, t: GGMLType, x: np.ndarray) -> np.ndarray:
     """The module docstring's arithmetic in numpy, on GGUF rows: per block the exact integer dot
     P, ``acc = fma(P, f32(d · xd), acc)`` in block order (float64 holds P · s exactly, so one
     rounding to float32 is the fma's), plus Q4_1's ``fma(m, xs, acc_m)`` chain."""
-    if t == GGMLType.Q4_K:
-        return _emulated_q4_k(w, x)
+    if quant.FORMATS[t].block_size == 256:
+        return _emulated_k(w, t, x)
     n, k = x.shape
     nb = k // 32
     xq = np.zeros((n, k), np.int8)
@@ -127,11 +144,14 @@ def test_layout_matches_reference_and_round_trips(t):
         np.testing.assert_array_equal(il.unpack_ref(ref, t), w)
         p, code = quant.pack(w, t)
         assert code == il.PACKED[t] and np.array_equal(p, ref)
-        # group 0, block 0: the 8 row scales first, then row i's quants 4 bytes at a time
+        # group 0, block 0: the 8 row scales first, then row i's other bytes 4 at a time
+        # (Q6_K: in its kernel's reading order, its 16 scales first)
         flat = p.reshape(-1)
-        np.testing.assert_array_equal(flat[0:16].reshape(8, 2), w[:8, 0:2])
-        first_q = 2 * il._LAYOUTS[t][1]                             # bytes of the f16 fields
-        head = 8 * first_q
+        layout = il._LAYOUTS[t]
+        h0 = layout.half_at                                         # Q6_K: d is last
+        np.testing.assert_array_equal(flat[0:16].reshape(8, 2), w[:8, h0:h0 + 2])
+        first_q = 4 * layout.chunk_order()[0] + (2 * layout.n_half if h0 == 0 else 0)
+        head = 16 * layout.n_half
         np.testing.assert_array_equal(flat[head:head + 32].reshape(8, 4), w[:8, first_q:first_q + 4])
         inplace = w.copy()
         quant.pack(inplace, t, out=inplace)
@@ -221,8 +241,8 @@ def test_bad_packing_requests_raise_one_line_errors():
     assert not quant.can_pack(9999, 16) and quant.can_pack(GGMLType.Q8_0, 16)
     with pytest.raises(CpuinferError, match=r"pack: cannot interleave Q4_0 uint8 \[12, 36\]"):
         quant.pack(w, GGMLType.Q4_0)
-    with pytest.raises(CpuinferError, match="cannot interleave Q6_K"):
-        quant.pack(random_matrix(rng, GGMLType.Q6_K, 16, 256), GGMLType.Q6_K)
+    with pytest.raises(CpuinferError, match="cannot interleave Q5_K"):
+        quant.pack(random_matrix(rng, GGMLType.Q5_K, 16, 256), GGMLType.Q5_K)
     x = np.zeros((1, 64), np.float32)
     with pytest.raises(CpuinferError, match="Q4_0_X8 needs a multiple of 8 rows, w has 12"):
         quant.matmul(w, quant.PackedType.Q4_0_X8, x, np.zeros((1, 12), np.float32))

@@ -1,4 +1,4 @@
-"""Weights repacked at load 8 rows interleaved (``_X8``): Q4_0, Q4_1, Q8_0 and Q4_K.
+"""Weights repacked at load 8 rows interleaved (``_X8``): Q4_0, Q4_1, Q8_0, Q4_K and Q6_K.
 
 A GGUF row keeps its blocks back to back, so a row dot has to reduce each block's 8 int32 lanes
 to one number and splat per-row scales — about as much work per block as the multiply itself,

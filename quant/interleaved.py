@@ -623,18 +623,24 @@ def _emit_tile_k(builder, base, g_ptrs, toks, nb):
             for aa, mm in zip(accs, accms)]
 
 
-TILE_GROUPS, TILE_TOKENS = {_Q4_0: 2, _Q4_1: 2, _Q8_0: 2, _Q4_K: 1, _Q6_K: 1}, 4
-"""A token's tile: 2 groups (16 rows, each activation load serves both; Q4_K: 1, its block
-already holds 16 activation loads per 8 rows and two groups' unpacked quants spill — measured
-24-28 against 30-34 GB/s per core); 4 tokens: 1 group."""
+TILE_TOKENS = 4
+"""Tokens of a prompt tile (one group)."""
+WIDE_K = 8192
+"""Row length from which a decoded token walks :data:`TILE_GROUPS`' wide count of groups."""
+TILE_GROUPS = {_Q4_0: (2, 2), _Q4_1: (2, 2), _Q8_0: (2, 2), _Q4_K: (1, 2), _Q6_K: (1, 2)}
+"""Groups a decoded token walks at once, (rows of k < WIDE_K, wider rows). Two groups: each
+activation load serves 16 rows, which keeps the stream at DRAM speed when k = 14336 pushes the
+activations out of L1. The K-quants' blocks already hold 8 or 16 activation loads per 8 rows,
+and their two groups' unpacked quants spill registers: at k = 4096 one group reads 27-28
+against 21-23 GB/s per core (Q4_K), at k = 14336 two groups read 20-23 against 18-20."""
 
 
 def _rows_codegen(base, tile_groups=None, tile_tokens=TILE_TOKENS):
     """Codegen of ``(w, r0, r1, xq, xd, xs, out)``: ``out[t, r] = W[r] · x_t`` for the groups
     of rows ``r0 .. r1`` (multiples of 8) and every token. Tokens go 4 at a time through one
-    group, the rest one at a time through ``tile_groups`` groups a fraction of the run apart
-    (sequential streams, each activation load used for 8 · ``tile_groups`` rows), then the odd
-    groups."""
+    group, the rest one at a time through G groups a fraction of the run apart (sequential
+    streams, each activation load used for 8·G rows), then the odd groups; ``tile_groups`` =
+    (G for rows shorter than :data:`WIDE_K`, G for the others), default :data:`TILE_GROUPS`."""
     tile_groups = tile_groups or TILE_GROUPS[base]
 
     def codegen(context, builder, sig, args):
@@ -673,16 +679,28 @@ def _rows_codegen(base, tile_groups=None, tile_tokens=TILE_TOKENS):
             with cgutils.for_range(builder, full_t) as lt:
                 run([builder.add(g0, lg.index)], builder.mul(lt.index, c(tile_tokens)),
                     tile_tokens)
-        half = builder.udiv(n_groups, c(tile_groups))
-        with cgutils.for_range(builder, builder.sub(n, t_end)) as lt:
-            t = builder.add(t_end, lt.index)
-            with cgutils.for_range(builder, half) as lg:
+        def decode(t, groups):
+            """Token ``t`` through ``groups`` groups a fraction of the run apart, then the odd ones."""
+            part = builder.udiv(n_groups, c(groups))
+            with cgutils.for_range(builder, part) as lg:
                 first = builder.add(g0, lg.index)
-                run([builder.add(first, builder.mul(half, c(i))) for i in range(tile_groups)],
-                    t, 1)
-            g_last = builder.add(g0, builder.mul(half, c(tile_groups)))
+                run([builder.add(first, builder.mul(part, c(i))) for i in range(groups)], t, 1)
+            g_last = builder.add(g0, builder.mul(part, c(groups)))
             with cgutils.for_range(builder, builder.sub(builder.add(g0, n_groups), g_last)) as lg:
                 run([builder.add(g_last, lg.index)], t, 1)
+
+        narrow, wide = tile_groups
+        k = builder.mul(nb, c(QK_K if base in _K_TILES else QK))
+        with cgutils.for_range(builder, builder.sub(n, t_end)) as lt:
+            t = builder.add(t_end, lt.index)
+            if narrow == wide:
+                decode(t, narrow)
+            else:
+                with builder.if_else(builder.icmp_signed(">=", k, c(WIDE_K))) as (is_wide, other):
+                    with is_wide:
+                        decode(t, wide)
+                    with other:
+                        decode(t, narrow)
         return context.get_dummy_value()
 
     return codegen

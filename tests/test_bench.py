@@ -66,3 +66,19 @@ def test_bench_markdown_readme_table(capsys, tmp_path, monkeypatch):
     assert cells[0] == bench.machine_description() and cells[1] == FILES[0].name and cells[2] == "1"
     assert float(cells[3]) > 0 and cells[6] == "-" and cells[7] == "-"
     assert lines[-1] == f"`cpuinfer bench {FILES[0]} -t 1 -p 4 -n 2 -r 1 --no-bandwidth --markdown`"
+
+
+def test_token_profile_splits_a_dense_token_and_refuses_moe(capsys):
+    """tools.token_profile: every matrix role and the output head listed with their bytes'
+    GB/s, the matmul pass no longer than what it adds up to; MoE files get one error line."""
+    from tools import token_profile
+    assert token_profile.main([str(TINY / "qwen2" / "qwen2-Q4_K_M.gguf"), "--tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    for role in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "output"):
+        assert f"  {role} " in out
+    total = float(out.split("matmuls alone")[1].split("ms")[0])
+    parts = [float(line.split()[1]) for line in out.splitlines() if line.startswith("  ")]
+    assert abs(sum(parts) - total) <= 0.05 * (len(parts) + 1) and "rest of token" in out
+    assert token_profile.main([str(TINY / "qwen3moe" / "qwen3moe-Q8_0.gguf")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dense llama family" in err and "qwen3moe" in err

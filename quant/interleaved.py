@@ -22,6 +22,10 @@ its blocks ``b = 0 .. nb − 1`` one after the other, ``8 · type_size`` bytes e
                       scales[32:128] = row i's 12 scale bytes 4 at a time: [4s : 4s + 4] at
                                        32 + 32s + 4i (s = 0..2)
                       qs[128:1152] = chunk c (c = 0..31) at 128 + 32c: row i's qs[4c : 4c + 4]
+    Q6_K 1680 bytes = d[0:16]                         (f16 × 8; GGUF keeps d last)
+                      rest[16:1680] = chunk c (c = 0..51) at 16 + 32c: row i's bytes
+                                      [4·o : 4·o + 4], o = _Q6_K_ORDER[c] (scales, then
+                                      ql/qh in the tile's reading order)
 
 so one 32-byte chunk load holds the same 4 quants of every row: for Q4, its low nibbles are
 values ``4c .. 4c + 3`` and its high nibbles values ``16 + 4c .. 16 + 4c + 3`` (GGUF's nibble
@@ -45,9 +49,11 @@ So each block adds ``fma(exact integer dot, d · xd)`` as ggml's AVX2 row dots d
 the integer over 8 lanes and sum the lanes at the end, this sums whole blocks — the results
 differ from theirs in float summation order only.
 
-Q4_K runs on Q8_K activations with one exact integer total per 256-block and its own min term,
-the same float operations as this project's Q4_K row dots (:func:`_emit_tile_q4_k`): repacked
-or not, a Q4_K matrix gives the same bits.
+Q4_K and Q6_K run on Q8_K activations with one exact integer total per 256-block
+(:func:`_emit_tile_k`): Q4_K with its own min term, the same float operations as this project's
+Q4_K row dots — repacked or not, a Q4_K matrix gives the same bits; Q6_K with the −32 offset
+taken off the total, where ggml's Q6_K row dot keeps 8 float lanes (float rounding differs).
+Q6_K's group block stores its chunks in the order its tile reads them (:data:`_Q6_K_ORDER`).
 
 Repacking (:func:`pack`) needs AVX2, FMA and F16C (:data:`HAVE_X8`); :func:`pack_ref` /
 :func:`unpack_ref` are the naive numpy references the tests compare with.

@@ -1,4 +1,4 @@
-"""Weights repacked at load 8 rows interleaved (``_X8``): Q4_0, Q4_1, Q8_0, Q4_K and Q6_K.
+"""Weights repacked at load 8 rows interleaved (``_X8``): Q4_0, Q4_1, Q8_0, Q3_K, Q4_K, Q6_K.
 
 A GGUF row keeps its blocks back to back, so a row dot has to reduce each block's 8 int32 lanes
 to one number and splat per-row scales — about as much work per block as the multiply itself,
@@ -22,6 +22,9 @@ its blocks ``b = 0 .. nb − 1`` one after the other, ``8 · type_size`` bytes e
                       scales[32:128] = row i's 12 scale bytes 4 at a time: [4s : 4s + 4] at
                                        32 + 32s + 4i (s = 0..2)
                       qs[128:1152] = chunk c (c = 0..31) at 128 + 32c: row i's qs[4c : 4c + 4]
+    Q3_K  880 bytes = d[0:16]                         (f16 × 8; GGUF keeps d last)
+                      rest[16:880] = chunk c (c = 0..26) at 16 + 32c: row i's bytes
+                                     [4·o : 4·o + 4], o = _Q3_K_ORDER[c] (as Q6_K)
     Q6_K 1680 bytes = d[0:16]                         (f16 × 8; GGUF keeps d last)
                       rest[16:1680] = chunk c (c = 0..51) at 16 + 32c: row i's bytes
                                       [4·o : 4·o + 4], o = _Q6_K_ORDER[c] (scales, then
@@ -49,11 +52,11 @@ So each block adds ``fma(exact integer dot, d · xd)`` as ggml's AVX2 row dots d
 the integer over 8 lanes and sum the lanes at the end, this sums whole blocks — the results
 differ from theirs in float summation order only.
 
-Q4_K and Q6_K run on Q8_K activations with one exact integer total per 256-block
+The K-quants run on Q8_K activations with one exact integer total per 256-block
 (:func:`_emit_tile_k`): Q4_K with its own min term, the same float operations as this project's
-Q4_K row dots — repacked or not, a Q4_K matrix gives the same bits; Q6_K with the −32 offset
-taken off the total, where ggml's Q6_K row dot keeps 8 float lanes (float rounding differs).
-Q6_K's group block stores its chunks in the order its tile reads them (:data:`_Q6_K_ORDER`).
+Q4_K row dots — repacked or not, a Q4_K matrix gives the same bits; Q3_K/Q6_K with their −4/−32
+offset taken off the total, where the row dots keep 8 float lanes (float rounding differs).
+Q3_K's and Q6_K's group blocks store their chunks in the order their tiles read them.
 
 Repacking (:func:`pack`) needs AVX2, FMA and F16C (:data:`HAVE_X8`); :func:`pack_ref` /
 :func:`unpack_ref` are the naive numpy references the tests compare with.
@@ -74,7 +77,7 @@ from .avx2 import _F32, _I8, _I16, _I32, _fn, _load, _splat, host_has
 from .base import load_f16
 from .avx512 import HAVE_AVX512_VNNI, _Token, _byte_ptr, _typed_ptr, rows_intrinsic
 from .jit import kernel, parallel_kernel
-from .kquants import _scale_min_at
+from .kquants import _q3_scale_at, _scale_min_at
 from .legacy import QK
 
 GROUP = 8
@@ -92,6 +95,7 @@ class PackedType(enum.IntEnum):
     Q8_0_X8 = 0x100 | GGMLType.Q8_0
     Q4_K_X8 = 0x100 | GGMLType.Q4_K
     Q6_K_X8 = 0x100 | GGMLType.Q6_K
+    Q3_K_X8 = 0x100 | GGMLType.Q3_K
 
 
 class _Layout(NamedTuple):
@@ -121,12 +125,18 @@ _Q6_K_ORDER = (48, 49, 50, 51) + tuple(
 
 
 _Q4_0, _Q4_1, _Q8_0 = GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0
-_Q4_K, _Q6_K = GGMLType.Q4_K, GGMLType.Q6_K
+_Q3_K, _Q4_K, _Q6_K = GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q6_K
+# Q3_K likewise: its 3 scale chunks, then per half n and h = 0, 1 the hmask chunks 4h .. (first
+# half only: the second reuses them) and qs chunks 8 + 8n + 4h .. (see _Q3KTile)
+_Q3_K_ORDER = (24, 25, 26) + tuple(
+    c for n in range(2) for h in range(2)
+    for c in [*(range(4 * h, 4 * h + 4) if n == 0 else ()), *range(8 + 8 * n + 4 * h, 12 + 8 * n + 4 * h)])
 _LAYOUTS = {_Q4_0: _Layout(18, 1, 16),
             _Q4_1: _Layout(20, 2, 16),
             _Q8_0: _Layout(34, 1, 32),
             _Q4_K: _Layout(144, 2, 140),            # 12 scale bytes, then 128 quant bytes
-            _Q6_K: _Layout(210, 1, 208, 208, _Q6_K_ORDER)}  # ql[128] qh[64] scales[16], d
+            _Q6_K: _Layout(210, 1, 208, 208, _Q6_K_ORDER),  # ql[128] qh[64] scales[16], d
+            _Q3_K: _Layout(110, 1, 108, 108, _Q3_K_ORDER)}  # hmask[32] qs[64] scales[12], d
 QK_K = 256
 """Values per K-quant block."""
 PACKED = {base: PackedType(0x100 | base) for base in _LAYOUTS}
@@ -225,12 +235,14 @@ def pack(raw: np.ndarray, base, out: np.ndarray | None = None) -> np.ndarray:
 # --- row lookup ------------------------------------------------------------------------------
 
 _Q6_K_AT = np.array([_Q6_K_ORDER.index(c) for c in range(52)], np.int64)
+_Q3_K_AT = np.array([_Q3_K_ORDER.index(c) for c in range(27)], np.int64)
 
 
 @kernel
-def _q6_k_byte(grp, o, i, r):
-    """Byte ``r`` (of the 208 before ``d``) of row ``i``'s Q6_K block at byte ``o`` of a group."""
-    return np.int32(grp[o + 16 + 32 * _Q6_K_AT[r // 4] + 4 * i + r % 4])
+def _rest_byte(grp, o, i, r, chunk_at):
+    """Byte ``r`` (of the rest after the one f16 field) of row ``i``'s block at byte ``o`` of a
+    group whose rest chunk ``c`` is stored at ``chunk_at[c]``."""
+    return np.int32(grp[o + 16 + 32 * chunk_at[r // 4] + 4 * i + r % 4])
 
 
 @kernel
@@ -259,6 +271,23 @@ def dequant_row_x8(qtype, w, r, out):
                     y[l] = d1 * np.float32(q & 0xF) - dm1
                     y[32 + l] = d2 * np.float32(q >> 4) - dm2
         return
+    if qtype == PackedType.Q3_K_X8:            # as kquants._dequant_row_q3_k, bytes regathered
+        for b in range(out.shape[0] // QK_K):
+            o = b * GROUP * 110
+            d = load_f16(grp, o + 2 * i)
+            for n in range(2):
+                for j in range(4):
+                    for h in range(2):
+                        # scale chunks are stored first: byte s at 16 + 32 (s // 4) + 4i + s % 4
+                        dl = d * np.float32(_q3_scale_at(grp, o + 16 + 4 * i, 8 * n + 2 * j + h, 32))
+                        y = out[b * QK_K + 128 * n + 32 * j + 16 * h:]
+                        for l in range(16):
+                            q = (_rest_byte(grp, o, i, 32 + 32 * n + 16 * h + l, _Q3_K_AT)
+                                 >> (2 * j)) & 3
+                            if not (_rest_byte(grp, o, i, 16 * h + l, _Q3_K_AT) >> (4 * n + j)) & 1:
+                                q -= 4
+                            y[l] = dl * np.float32(q)
+        return
     if qtype == PackedType.Q6_K_X8:            # as kquants._dequant_row_q6_k, bytes regathered
         for b in range(out.shape[0] // QK_K):
             o = b * GROUP * 210
@@ -266,12 +295,12 @@ def dequant_row_x8(qtype, w, r, out):
             for n in range(2):
                 for k in range(4):
                     for h in range(2):
-                        sc = _q6_k_byte(grp, o, i, 192 + 8 * n + 2 * k + h)
+                        sc = _rest_byte(grp, o, i, 192 + 8 * n + 2 * k + h, _Q6_K_AT)
                         dl = d * np.float32(sc - 256 if sc > 127 else sc)
                         y = out[b * QK_K + 128 * n + 32 * k + 16 * h:]
                         for l in range(16 * h, 16 * h + 16):
-                            lo = _q6_k_byte(grp, o, i, 64 * n + 32 * (k & 1) + l)
-                            hi = _q6_k_byte(grp, o, i, 128 + 32 * n + l)
+                            lo = _rest_byte(grp, o, i, 64 * n + 32 * (k & 1) + l, _Q6_K_AT)
+                            hi = _rest_byte(grp, o, i, 128 + 32 * n + l, _Q6_K_AT)
                             q = (((lo >> (4 * (k >> 1))) & 0xF) | (((hi >> (2 * k)) & 3) << 4)) - 32
                             y[l - 16 * h] = dl * np.float32(q)
         return
@@ -485,7 +514,29 @@ class _Q4KTile:
         return qs, [32 * j + 4 * l for l in range(8)]
 
 
-class _Q6KTile:
+class _OffsetTile:
+    """Shared parts of the K-quants whose quants are stored unsigned with a fixed offset (Q6_K:
+    −32, Q3_K: −4): ``offset · Σ_s sc_s · xb[s]`` is taken off the block total (the ``aux``
+    pair of dword ``u`` is ``(sc_2u, sc_2u+1)``), and the rest chunks are read through the
+    format's stored order."""
+    has_min = False
+
+    @classmethod
+    def chunk(cls, builder, g_ptr, at, c, vtype=_V32I8):
+        pos = _LAYOUTS[cls.base].chunk_at(c)
+        return _load(builder, g_ptr, builder.add(at, ir.Constant(at.type, 16 + 32 * pos)), vtype)
+
+    @staticmethod
+    def shift(builder, v, by):
+        """Bytes of ``v`` shifted left by ``by`` (right when negative) as 16-bit lanes: the caller
+        masks off the bits that crossed from the neighbouring byte."""
+        w = builder.bitcast(v, _V16I16)
+        w = builder.shl(w, _k_const(by, _V16I16)) if by > 0 else \
+            builder.lshr(w, _k_const(-by, _V16I16)) if by < 0 else w
+        return builder.bitcast(w, _V32I8)
+
+
+class _Q6KTile(_OffsetTile):
     """Q6_K in :func:`_emit_tile_k`: 16 sub-blocks of 16 with signed 8-bit scales; the −32
     offset of the 6-bit quants is ``32 · Σ_s sc_s · xb[s]`` (the ``aux`` pair of dword ``u`` is
     ``(sc_2u, sc_2u+1)``), taken off the block total before its fma, as ggml does.
@@ -500,13 +551,8 @@ class _Q6KTile:
         m = 0: A & 15 | (H << 4) & 48      m = 1: B & 15 | (H << 2) & 48
         m = 2: A >> 4 | H & 48             m = 3: B >> 4 | (H >> 2) & 48
     """
-    base, per16, has_min = _Q6_K, 2, False
+    base, per16, offset_shift = _Q6_K, 2, 5                     # offset 32 = 1 << 5
     order = tuple(8 * n + 2 * m + r for n in range(2) for r in range(2) for m in range(4))
-
-    @staticmethod
-    def chunk(builder, g_ptr, at, c, vtype=_V32I8):
-        pos = _LAYOUTS[_Q6_K].chunk_at(c)
-        return _load(builder, g_ptr, builder.add(at, ir.Constant(at.type, 16 + 32 * pos)), vtype)
 
     @classmethod
     def head(cls, builder, g_ptr, at):
@@ -530,22 +576,66 @@ class _Q6KTile:
 
         def chunk(c):
             return cls.chunk(builder, g_ptr, at, c)
-
-        def shift(v, by):
-            w = builder.bitcast(v, _V16I16)
-            w = builder.shl(w, _k_const(by, _V16I16)) if by > 0 else \
-                builder.lshr(w, _k_const(-by, _V16I16)) if by < 0 else w
-            return builder.bitcast(w, _V32I8)
         qs = []
         for L in range(4 * r, 4 * r + 4):
             low = chunk(16 * n + 8 * (m % 2) + L)
-            low = builder.and_(shift(low, -4 * (m // 2)), _k_const(15, _V32I8))
-            high = builder.and_(shift(chunk(32 + 8 * n + L), 4 - 2 * m), _k_const(48, _V32I8))
+            low = builder.and_(cls.shift(builder, low, -4 * (m // 2)), _k_const(15, _V32I8))
+            high = builder.and_(cls.shift(builder, chunk(32 + 8 * n + L), 4 - 2 * m),
+                                _k_const(48, _V32I8))
             qs.append(builder.or_(low, high))
         return qs, [128 * n + 32 * m + 4 * L for L in range(4 * r, 4 * r + 4)]
 
 
-_K_TILES = {_Q4_K: _Q4KTile, _Q6_K: _Q6KTile}
+class _Q3KTile(_OffsetTile):
+    """Q3_K in :func:`_emit_tile_k`: 16 sub-blocks of 16, 6-bit scales minus 32, quants
+    ``q' = q + 4`` in 0..7 (2 bits of qs, the hmask bit as bit 2; ggml subtracts 4 where the
+    hmask bit is clear), the −4 offset taken off the block total as Q6_K's −32.
+
+    Rest chunks: hmask 0..7, qs 8..23, scales 24..26, stored in reading order
+    (``_Q3_K_ORDER``). Sub-block ``s = 8n + 2j + h`` (values ``128n + 32j + 16h ..``) takes
+    bits ``2j`` of qs chunks ``8 + 8n + 4h + L`` and bit ``4n + j`` of hmask chunks ``4h + L``
+    (``L = 0..3``). The 12 scale bytes ``A, B, C`` (3 × 4 per lane) unpack as ggml's ``aux``:
+    scales ``4v ..`` = ``(A, B, A >> 4, B >> 4)[v] & 15 | ((C >> 2v) & 3) << 4``.
+    """
+    base, per16, offset_shift = _Q3_K, 8, 2                     # offset 4 = 1 << 2
+    order = tuple(8 * n + 2 * j + h for n in range(2) for h in range(2) for j in range(4))
+
+    @classmethod
+    def head(cls, builder, g_ptr, at):
+        """Every lane's 16 unsigned 6-bit scales, 4 per 8 × int32."""
+        a, b, c = (cls.chunk(builder, g_ptr, at, ch, _V8I32) for ch in (24, 25, 26))
+        k = _k_const
+        lows = (a, b, builder.lshr(a, k(4)), builder.lshr(b, k(4)))
+        return tuple(builder.or_(builder.and_(low, k(0x0F0F0F0F)),
+                                 builder.shl(builder.and_(builder.lshr(c, k(2 * v)), k(0x03030303)),
+                                             k(4)))
+                     for v, low in enumerate(lows))
+
+    @staticmethod
+    def aux_pair(builder, head, u):
+        b = 2 * u % 4
+        pair = builder.bitcast(_lane_bytes(builder, head[u // 2], (b, None, b + 1, None)), _V16I16)
+        return builder.sub(pair, _k_const(32, _V16I16))
+
+    @staticmethod
+    def scale(builder, head, s):
+        sc = builder.bitcast(_lane_bytes(builder, head[s // 4], (s % 4, None, None, None)), _V8I32)
+        return builder.sub(sc, _k_const(32))
+
+    @classmethod
+    def quants(cls, builder, g_ptr, at, s):
+        n, j, h = s // 8, s % 8 // 2, s % 2
+        qs = []
+        for L in range(4):
+            low = builder.and_(cls.shift(builder, cls.chunk(builder, g_ptr, at, 8 + 8 * n + 4 * h + L),
+                                         -2 * j), _k_const(3, _V32I8))
+            high = builder.and_(cls.shift(builder, cls.chunk(builder, g_ptr, at, 4 * h + L),
+                                          2 - 4 * n - j), _k_const(4, _V32I8))
+            qs.append(builder.or_(low, high))
+        return qs, [128 * n + 32 * j + 16 * h + 4 * L for L in range(4)]
+
+
+_K_TILES = {_Q3_K: _Q3KTile, _Q4_K: _Q4KTile, _Q6_K: _Q6KTile}
 
 
 def _emit_tile_k(builder, base, g_ptrs, toks, nb):
@@ -601,7 +691,8 @@ def _emit_tile_k(builder, base, g_ptrs, toks, nb):
                                                      builder.sitofp(aux[gi][t], _V8F32),
                                                      builder.load(accm)]), accm)
             else:
-                totals[gi] = [builder.neg(builder.shl(a, _k_const(5))) for a in aux[gi]]
+                totals[gi] = [builder.neg(builder.shl(a, _k_const(spec.offset_shift)))
+                              for a in aux[gi]]
         for s in spec.order:
             quants = [(*spec.quants(builder, g_ptr, at, s), spec.scale(builder, head, s))
                       for g_ptr, head in zip(g_ptrs, heads)]
@@ -633,12 +724,14 @@ TILE_TOKENS = 4
 """Tokens of a prompt tile (one group)."""
 WIDE_K = 8192
 """Row length from which a decoded token walks :data:`TILE_GROUPS`' wide count of groups."""
-TILE_GROUPS = {_Q4_0: (2, 2), _Q4_1: (2, 2), _Q8_0: (2, 2), _Q4_K: (1, 2), _Q6_K: (1, 2)}
+TILE_GROUPS = {_Q4_0: (2, 2), _Q4_1: (2, 2), _Q8_0: (2, 2), _Q3_K: (1, 1), _Q4_K: (1, 2),
+               _Q6_K: (1, 2)}
 """Groups a decoded token walks at once, (rows of k < WIDE_K, wider rows). Two groups: each
 activation load serves 16 rows, which keeps the stream at DRAM speed when k = 14336 pushes the
 activations out of L1. The K-quants' blocks already hold 8 or 16 activation loads per 8 rows,
 and their two groups' unpacked quants spill registers: at k = 4096 one group reads 27-28
-against 21-23 GB/s per core (Q4_K), at k = 14336 two groups read 20-23 against 18-20."""
+against 21-23 GB/s per core (Q4_K), at k = 14336 two groups read 20-23 against 18-20. Q3_K,
+with more unpacking per byte, stays at one (k = 14336: 19-20 against 18.5-19.3 GB/s)."""
 
 
 def _rows_codegen(base, tile_groups=None, tile_tokens=TILE_TOKENS):
@@ -719,6 +812,7 @@ _rows_q8_0_x8 = rows_intrinsic("_rows_q8_0_x8", _rows_codegen(_Q8_0), _TABLES)
 _K_TABLES = (types.int8, types.float32, types.int16)
 _rows_q4_k_x8 = rows_intrinsic("_rows_q4_k_x8", _rows_codegen(_Q4_K), _K_TABLES)
 _rows_q6_k_x8 = rows_intrinsic("_rows_q6_k_x8", _rows_codegen(_Q6_K), _K_TABLES)
+_rows_q3_k_x8 = rows_intrinsic("_rows_q3_k_x8", _rows_codegen(_Q3_K), _K_TABLES)
 
 
 @kernel
@@ -742,3 +836,5 @@ def rows_x8_k(qtype, w, r0, r1, xq, xd, xb, out):
         _rows_q4_k_x8(w, r0, r1, xq, xd, xb, out)
     elif qtype == PackedType.Q6_K_X8:
         _rows_q6_k_x8(w, r0, r1, xq, xd, xb, out)
+    elif qtype == PackedType.Q3_K_X8:
+        _rows_q3_k_x8(w, r0, r1, xq, xd, xb, out)

@@ -27,7 +27,7 @@ each 16), as llama.cpp's ``vec_dot_q<n>_K_q8_K``. Where the CPU has AVX-512 VNNI
 tiles of 4 rows (× 4 tokens for the legacy formats) — :mod:`quant.avx512`,
 :mod:`quant.avx512_kquants` — else Q8_0/Q4_0/Q4_1/Q4_K/Q6_K in the AVX2 row dots of
 :mod:`quant.avx2` (the tiles give their bits) and the rest in portable numba loops. The float
-formats use the ``_dot_<f>`` row functions. Q4_0/Q4_1/Q8_0/Q4_K/Q6_K matrices repacked at load
+formats use the ``_dot_<f>`` row functions. Q4_0/Q4_1/Q8_0/Q3_K/Q4_K/Q6_K matrices repacked at load
 8 rows interleaved (:mod:`quant.interleaved`, type codes :class:`~quant.interleaved.PackedType`)
 run :data:`rows_x8` / :data:`rows_x8_k` on the same activation tables (Q4_0/Q8_0 with ``xs`` =
 the exact block sums).
@@ -91,6 +91,7 @@ _Q4_1_X8 = int(interleaved.PackedType.Q4_1_X8)
 _Q8_0_X8 = int(interleaved.PackedType.Q8_0_X8)
 _Q4_K_X8 = int(interleaved.PackedType.Q4_K_X8)
 _Q6_K_X8 = int(interleaved.PackedType.Q6_K_X8)
+_Q3_K_X8 = int(interleaved.PackedType.Q3_K_X8)
 
 KERNEL_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0,
                 GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q2_K, GGMLType.Q3_K,
@@ -110,7 +111,7 @@ Q8K_ACT_TYPES = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGM
 def is_packed(qtype):
     """True for the interleaved layouts of :mod:`quant.interleaved`."""
     return (qtype == _Q4_0_X8 or qtype == _Q4_1_X8 or qtype == _Q8_0_X8 or qtype == _Q4_K_X8
-            or qtype == _Q6_K_X8)
+            or qtype == _Q6_K_X8 or qtype == _Q3_K_X8)
 
 
 @kernel
@@ -124,7 +125,7 @@ def uses_q8_act(qtype):
 def uses_q8k_act(qtype):
     """True when ``matmul_kernel`` runs this type on Q8_K-quantized activations."""
     return (qtype == _Q2_K or qtype == _Q3_K or qtype == _Q4_K or qtype == _Q5_K
-            or qtype == _Q6_K or qtype == _Q4_K_X8 or qtype == _Q6_K_X8)
+            or qtype == _Q6_K or qtype == _Q4_K_X8 or qtype == _Q6_K_X8 or qtype == _Q3_K_X8)
 
 
 @kernel

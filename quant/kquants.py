@@ -211,13 +211,15 @@ def _scale_min_at(row, so, j, stride=4):
 
 
 @kernel
-def _q3_scale_at(row, so, j):
-    """Signed scale (already minus 32) of 16-weight sub-block ``j`` from Q3_K bytes at ``row[so:]``."""
+def _q3_scale_at(row, so, j, stride=4):
+    """Signed scale (already minus 32) of 16-weight sub-block ``j`` from Q3_K bytes at ``row[so:]``;
+    scale byte ``s`` at ``so + (s // 4) · stride + s % 4`` (as :func:`_scale_min_at`)."""
+    i = j % 4
     if j < 8:
-        low = np.int32(row[so + j] & 0xF)
+        low = np.int32(row[so + (j // 4) * stride + i] & 0xF)
     else:
-        low = np.int32(row[so + j - 8] >> 4)
-    high = np.int32((row[so + 8 + (j & 3)] >> (2 * (j >> 2))) & 3)
+        low = np.int32(row[so + (j // 4 - 2) * stride + i] >> 4)
+    high = np.int32((row[so + 2 * stride + i] >> (2 * (j >> 2))) & 3)
     return (low | (high << 4)) - 32
 
 

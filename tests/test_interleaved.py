@@ -17,7 +17,8 @@ from quant_helpers import asm_of, random_matrix, run_for_avx2_only
 
 pytestmark = pytest.mark.skipif(not il.HAVE_X8, reason="this CPU has no AVX2/FMA/F16C")
 
-TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K)
+TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q3_K, GGMLType.Q4_K,
+         GGMLType.Q6_K)
 
 
 def _k(t: GGMLType, k32: int) -> int:
@@ -49,9 +50,22 @@ def _q6_k_quants(blocks: np.ndarray) -> np.ndarray:
     return q
 
 
+def _q3_k_quants(blocks: np.ndarray) -> np.ndarray:
+    """The signed quants (−4..3) of Q3_K blocks [n, 110] in value order (ggml's loop)."""
+    hmask, qs = blocks[:, :32].astype(np.int64), blocks[:, 32:96].astype(np.int64)
+    q = np.empty((blocks.shape[0], 256), np.int64)
+    for n in range(2):
+        for j in range(4):
+            for h in range(2):
+                low = (qs[:, 32 * n + 16 * h:32 * n + 16 * h + 16] >> 2 * j) & 3
+                high = (hmask[:, 16 * h:16 * h + 16] >> (4 * n + j)) & 1
+                q[:, 128 * n + 32 * j + 16 * h:][:, :16] = low - 4 * (1 - high)
+    return q
+
+
 def _emulated_k(w: np.ndarray, t: GGMLType, x: np.ndarray) -> np.ndarray:
     """The K-quant arithmetic of ``_emit_tile_k`` in numpy on GGUF rows: per 256-block the exact
-    ``total = Σ_s sc_s · Σ q · xq`` (Q6_K: on ``q − 32``) in an fma chain with ``f32(xd · d)``;
+    ``total = Σ_s sc_s · Σ q · xq`` (signed quants) in an fma chain with ``f32(xd · d)``;
     Q4_K plus the chain of ``f32(−(xd · dmin))`` and the exact ``Σ_j m_j · bsum_j``."""
     n, k = x.shape
     nb = k // 256
@@ -66,14 +80,18 @@ def _emulated_k(w: np.ndarray, t: GGMLType, x: np.ndarray) -> np.ndarray:
         sc, mn = (a.astype(np.int64).reshape(-1, nb, 8) for a in kquants._scale_min_k4(blocks[:, 4:16]))
         qs = blocks[:, 16:].reshape(-1, 4, 32)
         q = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, nb, 8, 32).astype(np.int64)
-    else:
+    elif t == GGMLType.Q6_K:
         d = _halves(blocks[:, 208:210])[:, 0].reshape(-1, nb)
         sc = blocks[:, 192:208].view(np.int8).astype(np.int64).reshape(-1, nb, 16)
         q = (_q6_k_quants(blocks) - 32).reshape(-1, nb, 16, 16)
+    else:
+        d = _halves(blocks[:, 108:110])[:, 0].reshape(-1, nb)
+        sc = kquants._q3_k_scales(blocks[:, 96:108]).astype(np.int64).reshape(-1, nb, 16)
+        q = _q3_k_quants(blocks).reshape(-1, nb, 16, 16)
     y = xq.reshape(n, nb, sc.shape[-1], -1).astype(np.int64)
     total = np.einsum("rbs,rbsj,tbsj->trb", sc, q, y)
     acc = _fma_chain((xd[:, None, :] * d[None]).astype(np.float32), total)
-    if t == GGMLType.Q6_K:
+    if t != GGMLType.Q4_K:
         return acc
     dmin = _halves(blocks[:, 2:4])[:, 0].reshape(-1, nb)
     mins = np.einsum("rbs,tbs->trb", mn, xb.reshape(n, nb, 8, 2).astype(np.int64).sum(axis=3))

@@ -96,6 +96,7 @@ class PackedType(enum.IntEnum):
     Q4_K_X8 = 0x100 | GGMLType.Q4_K
     Q6_K_X8 = 0x100 | GGMLType.Q6_K
     Q3_K_X8 = 0x100 | GGMLType.Q3_K
+    Q5_K_X8 = 0x100 | GGMLType.Q5_K
 
 
 class _Layout(NamedTuple):
@@ -125,7 +126,7 @@ _Q6_K_ORDER = (48, 49, 50, 51) + tuple(
 
 
 _Q4_0, _Q4_1, _Q8_0 = GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0
-_Q3_K, _Q4_K, _Q6_K = GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q6_K
+_Q3_K, _Q4_K, _Q5_K, _Q6_K = GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K
 # Q3_K likewise: its 3 scale chunks, then per half n and h = 0, 1 the hmask chunks 4h .. (first
 # half only: the second reuses them) and qs chunks 8 + 8n + 4h .. (see _Q3KTile)
 _Q3_K_ORDER = (24, 25, 26) + tuple(
@@ -135,6 +136,7 @@ _LAYOUTS = {_Q4_0: _Layout(18, 1, 16),
             _Q4_1: _Layout(20, 2, 16),
             _Q8_0: _Layout(34, 1, 32),
             _Q4_K: _Layout(144, 2, 140),            # 12 scale bytes, then 128 quant bytes
+            _Q5_K: _Layout(176, 2, 172),            # 12 scale bytes, qh[32], qs[128]
             _Q6_K: _Layout(210, 1, 208, 208, _Q6_K_ORDER),  # ql[128] qh[64] scales[16], d
             _Q3_K: _Layout(110, 1, 108, 108, _Q3_K_ORDER)}  # hmask[32] qs[64] scales[12], d
 QK_K = 256
@@ -255,9 +257,12 @@ def dequant_row_x8(qtype, w, r, out):
         n_half, chunks = 2, 4
     g, i = r // GROUP, r % GROUP
     grp = w[g * GROUP:(g + 1) * GROUP].reshape(-1)
-    if qtype == PackedType.Q4_K_X8:            # as kquants._dequant_row_q4_k, bytes regathered
+    if qtype == PackedType.Q4_K_X8 or qtype == PackedType.Q5_K_X8:
+        # as kquants._dequant_row_q4_k / _q5_k, bytes regathered (Q5_K: qh chunks before qs)
+        five = qtype == PackedType.Q5_K_X8
+        size, qs_at = (176, 384) if five else (144, 128)
         for b in range(out.shape[0] // QK_K):
-            o = b * GROUP * 144
+            o = b * GROUP * size
             d = load_f16(grp, o + 2 * i)
             dmin = load_f16(grp, o + 16 + 2 * i)
             for h in range(4):
@@ -267,9 +272,11 @@ def dequant_row_x8(qtype, w, r, out):
                 d2, dm2 = d * np.float32(sc2), dmin * np.float32(m2)
                 y = out[b * QK_K + 64 * h:b * QK_K + 64 * h + 64]
                 for l in range(32):
-                    q = grp[o + 128 + 32 * (8 * h + l // 4) + 4 * i + l % 4]
-                    y[l] = d1 * np.float32(q & 0xF) - dm1
-                    y[32 + l] = d2 * np.float32(q >> 4) - dm2
+                    at = 32 * (l // 4) + 4 * i + l % 4
+                    q = np.int32(grp[o + qs_at + 256 * h + at])
+                    hb = np.int32(grp[o + 128 + at]) >> (2 * h) if five else np.int32(0)
+                    y[l] = d1 * np.float32((q & 0xF) | ((hb & 1) << 4)) - dm1
+                    y[32 + l] = d2 * np.float32((q >> 4) | ((hb & 2) << 3)) - dm2
         return
     if qtype == PackedType.Q3_K_X8:            # as kquants._dequant_row_q3_k, bytes regathered
         for b in range(out.shape[0] // QK_K):
@@ -468,6 +475,15 @@ def _k_const(v, ty=_V8I32):
     return ir.Constant(ty, [v] * ty.count)
 
 
+def _byte_shift(builder, v, by):
+    """Bytes of ``v`` shifted left by ``by`` (right when negative) as 16-bit lanes: the caller
+    masks off the bits that crossed from the neighbouring byte."""
+    w = builder.bitcast(v, _V16I16)
+    w = builder.shl(w, _k_const(by, _V16I16)) if by > 0 else \
+        builder.lshr(w, _k_const(-by, _V16I16)) if by < 0 else w
+    return builder.bitcast(w, _V32I8)
+
+
 class _Q4KTile:
     """Q4_K in :func:`_emit_tile_k`: 8 sub-blocks of 32 (sub-block ``j``: nibbles ``j % 2`` of
     quant chunks ``8(j // 2) ..``), unsigned 6-bit scales, a separate min term (the ``aux`` pair
@@ -514,6 +530,26 @@ class _Q4KTile:
         return qs, [32 * j + 4 * l for l in range(8)]
 
 
+class _Q5KTile(_Q4KTile):
+    """Q5_K in :func:`_emit_tile_k`: Q4_K's scales, mins and nibbles (its 128 qs bytes after the
+    32 qh bytes: rest chunks 11..42, qh 3..10), plus bit ``j`` of each qh byte as bit 4 of
+    sub-block ``j``'s quants (0..31: four vpmaddubsw pairs fit an int16 without VNNI)."""
+    base, per16 = _Q5_K, 4
+
+    @staticmethod
+    def quants(builder, g_ptr, at, j):
+        h = j // 2
+        qs = []
+        for L in range(8):
+            v = _load(builder, g_ptr, builder.add(at, ir.Constant(at.type, 384 + 32 * (8 * h + L))),
+                      _V32I8)
+            hb = _load(builder, g_ptr, builder.add(at, ir.Constant(at.type, 128 + 32 * L)), _V32I8)
+            low = builder.and_(_byte_shift(builder, v, -4 * (j % 2)), _k_const(0x0F, _V32I8))
+            high = builder.and_(_byte_shift(builder, hb, 4 - j), _k_const(0x10, _V32I8))
+            qs.append(builder.or_(low, high))
+        return qs, [32 * j + 4 * l for l in range(8)]
+
+
 class _OffsetTile:
     """Shared parts of the K-quants whose quants are stored unsigned with a fixed offset (Q6_K:
     −32, Q3_K: −4): ``offset · Σ_s sc_s · xb[s]`` is taken off the block total (the ``aux``
@@ -526,14 +562,6 @@ class _OffsetTile:
         pos = _LAYOUTS[cls.base].chunk_at(c)
         return _load(builder, g_ptr, builder.add(at, ir.Constant(at.type, 16 + 32 * pos)), vtype)
 
-    @staticmethod
-    def shift(builder, v, by):
-        """Bytes of ``v`` shifted left by ``by`` (right when negative) as 16-bit lanes: the caller
-        masks off the bits that crossed from the neighbouring byte."""
-        w = builder.bitcast(v, _V16I16)
-        w = builder.shl(w, _k_const(by, _V16I16)) if by > 0 else \
-            builder.lshr(w, _k_const(-by, _V16I16)) if by < 0 else w
-        return builder.bitcast(w, _V32I8)
 
 
 class _Q6KTile(_OffsetTile):
@@ -579,8 +607,8 @@ class _Q6KTile(_OffsetTile):
         qs = []
         for L in range(4 * r, 4 * r + 4):
             low = chunk(16 * n + 8 * (m % 2) + L)
-            low = builder.and_(cls.shift(builder, low, -4 * (m // 2)), _k_const(15, _V32I8))
-            high = builder.and_(cls.shift(builder, chunk(32 + 8 * n + L), 4 - 2 * m),
+            low = builder.and_(_byte_shift(builder, low, -4 * (m // 2)), _k_const(15, _V32I8))
+            high = builder.and_(_byte_shift(builder, chunk(32 + 8 * n + L), 4 - 2 * m),
                                 _k_const(48, _V32I8))
             qs.append(builder.or_(low, high))
         return qs, [128 * n + 32 * m + 4 * L for L in range(4 * r, 4 * r + 4)]
@@ -627,15 +655,15 @@ class _Q3KTile(_OffsetTile):
         n, j, h = s // 8, s % 8 // 2, s % 2
         qs = []
         for L in range(4):
-            low = builder.and_(cls.shift(builder, cls.chunk(builder, g_ptr, at, 8 + 8 * n + 4 * h + L),
+            low = builder.and_(_byte_shift(builder, cls.chunk(builder, g_ptr, at, 8 + 8 * n + 4 * h + L),
                                          -2 * j), _k_const(3, _V32I8))
-            high = builder.and_(cls.shift(builder, cls.chunk(builder, g_ptr, at, 4 * h + L),
+            high = builder.and_(_byte_shift(builder, cls.chunk(builder, g_ptr, at, 4 * h + L),
                                           2 - 4 * n - j), _k_const(4, _V32I8))
             qs.append(builder.or_(low, high))
         return qs, [128 * n + 32 * j + 16 * h + 4 * L for L in range(4)]
 
 
-_K_TILES = {_Q3_K: _Q3KTile, _Q4_K: _Q4KTile, _Q6_K: _Q6KTile}
+_K_TILES = {_Q3_K: _Q3KTile, _Q4_K: _Q4KTile, _Q5_K: _Q5KTile, _Q6_K: _Q6KTile}
 
 
 def _emit_tile_k(builder, base, g_ptrs, toks, nb):
@@ -725,7 +753,7 @@ TILE_TOKENS = 4
 WIDE_K = 8192
 """Row length from which a decoded token walks :data:`TILE_GROUPS`' wide count of groups."""
 TILE_GROUPS = {_Q4_0: (2, 2), _Q4_1: (2, 2), _Q8_0: (2, 2), _Q3_K: (1, 1), _Q4_K: (1, 2),
-               _Q6_K: (1, 2)}
+               _Q5_K: (1, 2), _Q6_K: (1, 2)}
 """Groups a decoded token walks at once, (rows of k < WIDE_K, wider rows). Two groups: each
 activation load serves 16 rows, which keeps the stream at DRAM speed when k = 14336 pushes the
 activations out of L1. The K-quants' blocks already hold 8 or 16 activation loads per 8 rows,
@@ -813,6 +841,7 @@ _K_TABLES = (types.int8, types.float32, types.int16)
 _rows_q4_k_x8 = rows_intrinsic("_rows_q4_k_x8", _rows_codegen(_Q4_K), _K_TABLES)
 _rows_q6_k_x8 = rows_intrinsic("_rows_q6_k_x8", _rows_codegen(_Q6_K), _K_TABLES)
 _rows_q3_k_x8 = rows_intrinsic("_rows_q3_k_x8", _rows_codegen(_Q3_K), _K_TABLES)
+_rows_q5_k_x8 = rows_intrinsic("_rows_q5_k_x8", _rows_codegen(_Q5_K), _K_TABLES)
 
 
 @kernel
@@ -838,3 +867,5 @@ def rows_x8_k(qtype, w, r0, r1, xq, xd, xb, out):
         _rows_q6_k_x8(w, r0, r1, xq, xd, xb, out)
     elif qtype == PackedType.Q3_K_X8:
         _rows_q3_k_x8(w, r0, r1, xq, xd, xb, out)
+    elif qtype == PackedType.Q5_K_X8:
+        _rows_q5_k_x8(w, r0, r1, xq, xd, xb, out)

@@ -18,7 +18,7 @@ from quant_helpers import asm_of, random_matrix, run_for_avx2_only
 pytestmark = pytest.mark.skipif(not il.HAVE_X8, reason="this CPU has no AVX2/FMA/F16C")
 
 TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q3_K, GGMLType.Q4_K,
-         GGMLType.Q6_K)
+         GGMLType.Q5_K, GGMLType.Q6_K)
 
 
 def _k(t: GGMLType, k32: int) -> int:
@@ -75,11 +75,14 @@ def _emulated_k(w: np.ndarray, t: GGMLType, x: np.ndarray) -> np.ndarray:
     for i in range(n):
         kquants.quantize_act_q8k(x[i], xq[i], xd[i], xb[i])
     blocks = w.reshape(-1, quant.FORMATS[t].type_size)
-    if t == GGMLType.Q4_K:
+    if t in (GGMLType.Q4_K, GGMLType.Q5_K):
         d = _halves(blocks[:, 0:2])[:, 0].reshape(-1, nb)
         sc, mn = (a.astype(np.int64).reshape(-1, nb, 8) for a in kquants._scale_min_k4(blocks[:, 4:16]))
-        qs = blocks[:, 16:].reshape(-1, 4, 32)
+        qs = blocks[:, -128:].reshape(-1, 4, 32)
         q = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, nb, 8, 32).astype(np.int64)
+        if t == GGMLType.Q5_K:                       # bit j of qh byte l: bit 4 of value 32j + l
+            qh = blocks[:, 16:48].astype(np.int64)
+            q += np.stack([(qh >> j) & 1 for j in range(8)], axis=1).reshape(-1, nb, 8, 32) << 4
     elif t == GGMLType.Q6_K:
         d = _halves(blocks[:, 208:210])[:, 0].reshape(-1, nb)
         sc = blocks[:, 192:208].view(np.int8).astype(np.int64).reshape(-1, nb, 16)
@@ -91,7 +94,7 @@ def _emulated_k(w: np.ndarray, t: GGMLType, x: np.ndarray) -> np.ndarray:
     y = xq.reshape(n, nb, sc.shape[-1], -1).astype(np.int64)
     total = np.einsum("rbs,rbsj,tbsj->trb", sc, q, y)
     acc = _fma_chain((xd[:, None, :] * d[None]).astype(np.float32), total)
-    if t != GGMLType.Q4_K:
+    if t in (GGMLType.Q3_K, GGMLType.Q6_K):
         return acc
     dmin = _halves(blocks[:, 2:4])[:, 0].reshape(-1, nb)
     mins = np.einsum("rbs,tbs->trb", mn, xb.reshape(n, nb, 8, 2).astype(np.int64).sum(axis=3))
@@ -257,12 +260,12 @@ def test_packed_stack_runs_in_one_region():
 def test_bad_packing_requests_raise_one_line_errors():
     rng = np.random.default_rng(6)
     w = random_matrix(rng, GGMLType.Q4_0, 12, 64)
-    assert not quant.can_pack(GGMLType.Q4_0, 12) and not quant.can_pack(GGMLType.Q5_K, 16)
+    assert not quant.can_pack(GGMLType.Q4_0, 12) and not quant.can_pack(GGMLType.Q2_K, 16)
     assert not quant.can_pack(9999, 16) and quant.can_pack(GGMLType.Q8_0, 16)
     with pytest.raises(CpuinferError, match=r"pack: cannot interleave Q4_0 uint8 \[12, 36\]"):
         quant.pack(w, GGMLType.Q4_0)
-    with pytest.raises(CpuinferError, match="cannot interleave Q5_K"):
-        quant.pack(random_matrix(rng, GGMLType.Q5_K, 16, 256), GGMLType.Q5_K)
+    with pytest.raises(CpuinferError, match="cannot interleave Q2_K"):
+        quant.pack(random_matrix(rng, GGMLType.Q2_K, 16, 256), GGMLType.Q2_K)
     x = np.zeros((1, 64), np.float32)
     with pytest.raises(CpuinferError, match="Q4_0_X8 needs a multiple of 8 rows, w has 12"):
         quant.matmul(w, quant.PackedType.Q4_0_X8, x, np.zeros((1, 12), np.float32))

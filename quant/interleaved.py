@@ -99,6 +99,7 @@ class PackedType(enum.IntEnum):
     Q6_K_X8 = 0x100 | GGMLType.Q6_K
     Q3_K_X8 = 0x100 | GGMLType.Q3_K
     Q5_K_X8 = 0x100 | GGMLType.Q5_K
+    Q2_K_X8 = 0x100 | GGMLType.Q2_K
 
 
 class _Layout(NamedTuple):
@@ -128,7 +129,8 @@ _Q6_K_ORDER = (48, 49, 50, 51) + tuple(
 
 
 _Q4_0, _Q4_1, _Q8_0 = GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0
-_Q3_K, _Q4_K, _Q5_K, _Q6_K = GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K
+_Q2_K, _Q3_K, _Q4_K = GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K
+_Q5_K, _Q6_K = GGMLType.Q5_K, GGMLType.Q6_K
 # Q3_K likewise: its 3 scale chunks, then per half n and h = 0, 1 the hmask chunks 4h .. (first
 # half only: the second reuses them) and qs chunks 8 + 8n + 4h .. (see _Q3KTile)
 _Q3_K_ORDER = (24, 25, 26) + tuple(
@@ -139,6 +141,7 @@ _LAYOUTS = {_Q4_0: _Layout(18, 1, 16),
             _Q8_0: _Layout(34, 1, 32),
             _Q4_K: _Layout(144, 2, 140),            # 12 scale bytes, then 128 quant bytes
             _Q5_K: _Layout(176, 2, 172),            # 12 scale bytes, qh[32], qs[128]
+            _Q2_K: _Layout(84, 2, 80, 80),          # scales[16] qs[64], then d, dmin
             _Q6_K: _Layout(210, 1, 208, 208, _Q6_K_ORDER),  # ql[128] qh[64] scales[16], d
             _Q3_K: _Layout(110, 1, 108, 108, _Q3_K_ORDER)}  # hmask[32] qs[64] scales[12], d
 QK_K = 256
@@ -279,6 +282,24 @@ def dequant_row_x8(qtype, w, r, out):
                     hb = np.int32(grp[o + 128 + at]) >> (2 * h) if five else np.int32(0)
                     y[l] = d1 * np.float32((q & 0xF) | ((hb & 1) << 4)) - dm1
                     y[32 + l] = d2 * np.float32((q >> 4) | ((hb & 2) << 3)) - dm2
+        return
+    if qtype == PackedType.Q2_K_X8:            # as kquants._dequant_row_q2_k, bytes regathered
+        for b in range(out.shape[0] // QK_K):
+            o = b * GROUP * 84
+            d = load_f16(grp, o + 2 * i)
+            dmin = load_f16(grp, o + 16 + 2 * i)
+            for n in range(2):
+                for j in range(4):
+                    for h in range(2):
+                        sb = 8 * n + 2 * j + h                       # scale byte = sub-block
+                        sc = np.int32(grp[o + 32 + 32 * (sb // 4) + 4 * i + sb % 4])
+                        dl = d * np.float32(sc & 0xF)
+                        ml = dmin * np.float32(sc >> 4)
+                        y = out[b * QK_K + 128 * n + 32 * j + 16 * h:]
+                        for l in range(16):
+                            r = 16 + 32 * n + 16 * h + l                 # rest byte of qs
+                            q = (np.int32(grp[o + 32 + 32 * (r // 4) + 4 * i + r % 4]) >> (2 * j)) & 3
+                            y[l] = dl * np.float32(q) - ml
         return
     if qtype == PackedType.Q3_K_X8:            # as kquants._dequant_row_q3_k, bytes regathered
         for b in range(out.shape[0] // QK_K):
@@ -552,6 +573,43 @@ class _Q5KTile(_Q4KTile):
         return qs, [32 * j + 4 * l for l in range(8)]
 
 
+class _Q2KTile:
+    """Q2_K in :func:`_emit_tile_k`: 16 sub-blocks of 16, 4-bit scales (low nibble of scale byte
+    ``s``) and mins (high nibble; the ``aux`` pair of dword ``u`` is ``(m_2u, m_2u+1)``), a
+    separate min term as Q4_K. Rest chunks in block order (the tile reads them in order):
+    scales 0..3, qs 4..19; sub-block ``s = 8n + 2j + h`` takes bits ``2j`` of qs chunks
+    ``4 + 8n + 4h + L`` (values ``128n + 32j + 16h + 4L ..``)."""
+    base, per16, has_min = _Q2_K, 8, True
+    order = tuple(8 * n + 2 * j + h for n in range(2) for h in range(2) for j in range(4))
+
+    @staticmethod
+    def chunk(builder, g_ptr, at, c, vtype=_V32I8):
+        return _load(builder, g_ptr, builder.add(at, ir.Constant(at.type, 32 + 32 * c)), vtype)
+
+    @classmethod
+    def head(cls, builder, g_ptr, at):
+        """Every lane's 16 scale bytes, 4 per 8 × int32."""
+        return tuple(cls.chunk(builder, g_ptr, at, c, _V8I32) for c in range(4))
+
+    @staticmethod
+    def aux_pair(builder, head, u):
+        b = 2 * u % 4
+        pair = builder.bitcast(_lane_bytes(builder, head[u // 2], (b, None, b + 1, None)), _V16I16)
+        return builder.lshr(pair, _k_const(4, _V16I16))
+
+    @staticmethod
+    def scale(builder, head, s):
+        sc = builder.bitcast(_lane_bytes(builder, head[s // 4], (s % 4, None, None, None)), _V8I32)
+        return builder.and_(sc, _k_const(15))
+
+    @classmethod
+    def quants(cls, builder, g_ptr, at, s):
+        n, j, h = s // 8, s % 8 // 2, s % 2
+        qs = [builder.and_(_byte_shift(builder, cls.chunk(builder, g_ptr, at, 4 + 8 * n + 4 * h + L),
+                                       -2 * j), _k_const(3, _V32I8)) for L in range(4)]
+        return qs, [128 * n + 32 * j + 16 * h + 4 * L for L in range(4)]
+
+
 class _OffsetTile:
     """Shared parts of the K-quants whose quants are stored unsigned with a fixed offset (Q6_K:
     −32, Q3_K: −4): ``offset · Σ_s sc_s · xb[s]`` is taken off the block total (the ``aux``
@@ -665,7 +723,8 @@ class _Q3KTile(_OffsetTile):
         return qs, [128 * n + 32 * j + 16 * h + 4 * L for L in range(4)]
 
 
-_K_TILES = {_Q3_K: _Q3KTile, _Q4_K: _Q4KTile, _Q5_K: _Q5KTile, _Q6_K: _Q6KTile}
+_K_TILES = {_Q2_K: _Q2KTile, _Q3_K: _Q3KTile, _Q4_K: _Q4KTile, _Q5_K: _Q5KTile,
+            _Q6_K: _Q6KTile}
 
 
 def _emit_tile_k(builder, base, g_ptrs, toks, nb):
@@ -754,8 +813,8 @@ TILE_TOKENS = 4
 """Tokens of a prompt tile (one group)."""
 WIDE_K = 8192
 """Row length from which a decoded token walks :data:`TILE_GROUPS`' wide count of groups."""
-TILE_GROUPS = {_Q4_0: (2, 2), _Q4_1: (2, 2), _Q8_0: (2, 2), _Q3_K: (1, 1), _Q4_K: (1, 2),
-               _Q5_K: (1, 2), _Q6_K: (1, 2)}
+TILE_GROUPS = {_Q4_0: (2, 2), _Q4_1: (2, 2), _Q8_0: (2, 2), _Q2_K: (1, 1), _Q3_K: (1, 1),
+               _Q4_K: (1, 2), _Q5_K: (1, 2), _Q6_K: (1, 2)}
 """Groups a decoded token walks at once, (rows of k < WIDE_K, wider rows). Two groups: each
 activation load serves 16 rows, which keeps the stream at DRAM speed when k = 14336 pushes the
 activations out of L1. The K-quants' blocks already hold 8 or 16 activation loads per 8 rows,
@@ -844,6 +903,7 @@ _rows_q4_k_x8 = rows_intrinsic("_rows_q4_k_x8", _rows_codegen(_Q4_K), _K_TABLES)
 _rows_q6_k_x8 = rows_intrinsic("_rows_q6_k_x8", _rows_codegen(_Q6_K), _K_TABLES)
 _rows_q3_k_x8 = rows_intrinsic("_rows_q3_k_x8", _rows_codegen(_Q3_K), _K_TABLES)
 _rows_q5_k_x8 = rows_intrinsic("_rows_q5_k_x8", _rows_codegen(_Q5_K), _K_TABLES)
+_rows_q2_k_x8 = rows_intrinsic("_rows_q2_k_x8", _rows_codegen(_Q2_K), _K_TABLES)
 
 
 @kernel
@@ -871,3 +931,5 @@ def rows_x8_k(qtype, w, r0, r1, xq, xd, xb, out):
         _rows_q3_k_x8(w, r0, r1, xq, xd, xb, out)
     elif qtype == PackedType.Q5_K_X8:
         _rows_q5_k_x8(w, r0, r1, xq, xd, xb, out)
+    elif qtype == PackedType.Q2_K_X8:
+        _rows_q2_k_x8(w, r0, r1, xq, xd, xb, out)

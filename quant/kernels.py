@@ -93,6 +93,7 @@ _Q4_K_X8 = int(interleaved.PackedType.Q4_K_X8)
 _Q6_K_X8 = int(interleaved.PackedType.Q6_K_X8)
 _Q3_K_X8 = int(interleaved.PackedType.Q3_K_X8)
 _Q5_K_X8 = int(interleaved.PackedType.Q5_K_X8)
+_Q2_K_X8 = int(interleaved.PackedType.Q2_K_X8)
 
 KERNEL_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0,
                 GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q2_K, GGMLType.Q3_K,
@@ -112,7 +113,7 @@ Q8K_ACT_TYPES = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGM
 def is_packed(qtype):
     """True for the interleaved layouts of :mod:`quant.interleaved`."""
     return (qtype == _Q4_0_X8 or qtype == _Q4_1_X8 or qtype == _Q8_0_X8 or qtype == _Q4_K_X8
-            or qtype == _Q6_K_X8 or qtype == _Q3_K_X8 or qtype == _Q5_K_X8)
+            or qtype == _Q6_K_X8 or qtype == _Q3_K_X8 or qtype == _Q5_K_X8 or qtype == _Q2_K_X8)
 
 
 @kernel
@@ -127,7 +128,7 @@ def uses_q8k_act(qtype):
     """True when ``matmul_kernel`` runs this type on Q8_K-quantized activations."""
     return (qtype == _Q2_K or qtype == _Q3_K or qtype == _Q4_K or qtype == _Q5_K
             or qtype == _Q6_K or qtype == _Q4_K_X8 or qtype == _Q6_K_X8 or qtype == _Q3_K_X8
-            or qtype == _Q5_K_X8)
+            or qtype == _Q5_K_X8 or qtype == _Q2_K_X8)
 
 
 @kernel

@@ -17,8 +17,8 @@ from quant_helpers import asm_of, random_matrix, run_for_avx2_only
 
 pytestmark = pytest.mark.skipif(not il.HAVE_X8, reason="this CPU has no AVX2/FMA/F16C")
 
-TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q3_K, GGMLType.Q4_K,
-         GGMLType.Q5_K, GGMLType.Q6_K)
+TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q3_K,
+         GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
 
 
 def _k(t: GGMLType, k32: int) -> int:
@@ -83,6 +83,18 @@ def _emulated_k(w: np.ndarray, t: GGMLType, x: np.ndarray) -> np.ndarray:
         if t == GGMLType.Q5_K:                       # bit j of qh byte l: bit 4 of value 32j + l
             qh = blocks[:, 16:48].astype(np.int64)
             q += np.stack([(qh >> j) & 1 for j in range(8)], axis=1).reshape(-1, nb, 8, 32) << 4
+    elif t == GGMLType.Q2_K:
+        d = _halves(blocks[:, 80:82])[:, 0].reshape(-1, nb)
+        sc = (blocks[:, :16] & 15).astype(np.int64).reshape(-1, nb, 16)
+        mn = (blocks[:, :16] >> 4).astype(np.int64).reshape(-1, nb, 16)
+        qs = blocks[:, 16:80].astype(np.int64)
+        q = np.empty((blocks.shape[0], 256), np.int64)
+        for half in range(2):
+            for j in range(4):
+                for h in range(2):
+                    o, at = 128 * half + 32 * j + 16 * h, 32 * half + 16 * h
+                    q[:, o:o + 16] = (qs[:, at:at + 16] >> 2 * j) & 3
+        q = q.reshape(-1, nb, 16, 16)
     elif t == GGMLType.Q6_K:
         d = _halves(blocks[:, 208:210])[:, 0].reshape(-1, nb)
         sc = blocks[:, 192:208].view(np.int8).astype(np.int64).reshape(-1, nb, 16)
@@ -96,8 +108,12 @@ def _emulated_k(w: np.ndarray, t: GGMLType, x: np.ndarray) -> np.ndarray:
     acc = _fma_chain((xd[:, None, :] * d[None]).astype(np.float32), total)
     if t in (GGMLType.Q3_K, GGMLType.Q6_K):
         return acc
-    dmin = _halves(blocks[:, 2:4])[:, 0].reshape(-1, nb)
-    mins = np.einsum("rbs,tbs->trb", mn, xb.reshape(n, nb, 8, 2).astype(np.int64).sum(axis=3))
+    if t == GGMLType.Q2_K:                          # mins per 16 values: xb as it is
+        dmin = _halves(blocks[:, 82:84])[:, 0].reshape(-1, nb)
+        mins = np.einsum("rbs,tbs->trb", mn, xb.reshape(n, nb, 16).astype(np.int64))
+    else:                                           # per 32: pairs of xb
+        dmin = _halves(blocks[:, 2:4])[:, 0].reshape(-1, nb)
+        mins = np.einsum("rbs,tbs->trb", mn, xb.reshape(n, nb, 8, 2).astype(np.int64).sum(axis=3))
     return acc + _fma_chain(-(xd[:, None, :] * dmin[None]).astype(np.float32), mins)
 
 
@@ -260,12 +276,12 @@ def test_packed_stack_runs_in_one_region():
 def test_bad_packing_requests_raise_one_line_errors():
     rng = np.random.default_rng(6)
     w = random_matrix(rng, GGMLType.Q4_0, 12, 64)
-    assert not quant.can_pack(GGMLType.Q4_0, 12) and not quant.can_pack(GGMLType.Q2_K, 16)
+    assert not quant.can_pack(GGMLType.Q4_0, 12) and not quant.can_pack(GGMLType.Q5_1, 16)
     assert not quant.can_pack(9999, 16) and quant.can_pack(GGMLType.Q8_0, 16)
     with pytest.raises(CpuinferError, match=r"pack: cannot interleave Q4_0 uint8 \[12, 36\]"):
         quant.pack(w, GGMLType.Q4_0)
-    with pytest.raises(CpuinferError, match="cannot interleave Q2_K"):
-        quant.pack(random_matrix(rng, GGMLType.Q2_K, 16, 256), GGMLType.Q2_K)
+    with pytest.raises(CpuinferError, match="cannot interleave Q5_1"):
+        quant.pack(random_matrix(rng, GGMLType.Q5_1, 16, 256), GGMLType.Q5_1)
     x = np.zeros((1, 64), np.float32)
     with pytest.raises(CpuinferError, match="Q4_0_X8 needs a multiple of 8 rows, w has 12"):
         quant.matmul(w, quant.PackedType.Q4_0_X8, x, np.zeros((1, 12), np.float32))

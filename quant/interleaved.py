@@ -1,4 +1,4 @@
-"""Weights repacked at load 8 rows interleaved (``_X8``): Q4_0, Q4_1, Q8_0, Q3_K..Q6_K.
+"""Weights repacked at load 8 rows interleaved (``_X8``): Q4_0, Q4_1, Q8_0, Q2_K..Q6_K.
 
 A GGUF row keeps its blocks back to back, so a row dot has to reduce each block's 8 int32 lanes
 to one number and splat per-row scales — about as much work per block as the multiply itself,
@@ -23,6 +23,9 @@ its blocks ``b = 0 .. nb − 1`` one after the other, ``8 · type_size`` bytes e
                                        32 + 32s + 4i (s = 0..2)
                       qs[128:1152] = chunk c (c = 0..31) at 128 + 32c: row i's qs[4c : 4c + 4]
     Q5_K 1408 bytes = as Q4_K, rest[32:1408] = its 12 scale bytes, qh[32], qs[128] 4 at a time
+    Q2_K  672 bytes = d[0:16] dmin[16:32]             (f16 × 8 each; GGUF keeps them last)
+                      rest[32:672] = chunk c (c = 0..19) at 32 + 32c: row i's scales[16]
+                                     then qs[64], 4 bytes at a time
     Q3_K  880 bytes = d[0:16]                         (f16 × 8; GGUF keeps d last)
                       rest[16:880] = chunk c (c = 0..26) at 16 + 32c: row i's bytes
                                      [4·o : 4·o + 4], o = _Q3_K_ORDER[c] (as Q6_K)
@@ -56,8 +59,9 @@ differ from theirs in float summation order only.
 The K-quants run on Q8_K activations with one exact integer total per 256-block
 (:func:`_emit_tile_k`): Q4_K/Q5_K with their own min term — Q4_K with the same float operations
 as this project's Q4_K row dots, so repacked or not a Q4_K matrix gives the same bits; Q3_K/Q6_K
-with their −4/−32 offset taken off the total. Where the row dots keep 8 float lanes (Q3_K,
-Q5_K, Q6_K) the results differ from them in float rounding only.
+with their −4/−32 offset taken off the total; Q2_K with its min term per 16 values. Where the
+row dots keep 8 float lanes (Q2_K, Q3_K, Q5_K, Q6_K) the results differ from them in float
+rounding only.
 Q3_K's and Q6_K's group blocks store their chunks in the order their tiles read them.
 
 Repacking (:func:`pack`) needs AVX2, FMA and F16C (:data:`HAVE_X8`); :func:`pack_ref` /

@@ -27,7 +27,7 @@ each 16), as llama.cpp's ``vec_dot_q<n>_K_q8_K``. Where the CPU has AVX-512 VNNI
 tiles of 4 rows (× 4 tokens for the legacy formats) — :mod:`quant.avx512`,
 :mod:`quant.avx512_kquants` — else Q8_0/Q4_0/Q4_1/Q4_K/Q6_K in the AVX2 row dots of
 :mod:`quant.avx2` (the tiles give their bits) and the rest in portable numba loops. The float
-formats use the ``_dot_<f>`` row functions. Q4_0/Q4_1/Q8_0/Q3_K/Q4_K/Q5_K/Q6_K matrices repacked at load
+formats use the ``_dot_<f>`` row functions. Q4_0/Q4_1/Q8_0/Q2_K..Q6_K matrices repacked at load
 8 rows interleaved (:mod:`quant.interleaved`, type codes :class:`~quant.interleaved.PackedType`)
 run :data:`rows_x8` / :data:`rows_x8_k` on the same activation tables (Q4_0/Q8_0 with ``xs`` =
 the exact block sums).

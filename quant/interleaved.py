@@ -245,15 +245,20 @@ def pack(raw: np.ndarray, base, out: np.ndarray | None = None) -> np.ndarray:
 
 # --- row lookup ------------------------------------------------------------------------------
 
-_Q6_K_AT = np.array([_Q6_K_ORDER.index(c) for c in range(52)], np.int64)
-_Q3_K_AT = np.array([_Q3_K_ORDER.index(c) for c in range(27)], np.int64)
+def _chunk_positions(base) -> np.ndarray:
+    """Where each rest chunk of ``base`` is stored in its group block (for :func:`_rest_byte`)."""
+    layout = _LAYOUTS[base]
+    return np.array([layout.chunk_at(c) for c in range(layout.rest // 4)], np.int64)
+
+
+_Q2_K_AT, _Q3_K_AT, _Q6_K_AT = (_chunk_positions(b) for b in (_Q2_K, _Q3_K, _Q6_K))
 
 
 @kernel
-def _rest_byte(grp, o, i, r, chunk_at):
-    """Byte ``r`` (of the rest after the one f16 field) of row ``i``'s block at byte ``o`` of a
-    group whose rest chunk ``c`` is stored at ``chunk_at[c]``."""
-    return np.int32(grp[o + 16 + 32 * chunk_at[r // 4] + 4 * i + r % 4])
+def _rest_byte(grp, o, i, r, chunk_at, head=16):
+    """Byte ``r`` of the rest (the bytes after the ``head`` bytes of f16 fields) of row ``i``'s
+    block at byte ``o`` of a group whose rest chunk ``c`` is stored at ``chunk_at[c]``."""
+    return np.int32(grp[o + head + 32 * chunk_at[r // 4] + 4 * i + r % 4])
 
 
 @kernel
@@ -295,14 +300,13 @@ def dequant_row_x8(qtype, w, r, out):
             for n in range(2):
                 for j in range(4):
                     for h in range(2):
-                        sb = 8 * n + 2 * j + h                       # scale byte = sub-block
-                        sc = np.int32(grp[o + 32 + 32 * (sb // 4) + 4 * i + sb % 4])
+                        sc = _rest_byte(grp, o, i, 8 * n + 2 * j + h, _Q2_K_AT, 32)
                         dl = d * np.float32(sc & 0xF)
                         ml = dmin * np.float32(sc >> 4)
                         y = out[b * QK_K + 128 * n + 32 * j + 16 * h:]
                         for l in range(16):
-                            r = 16 + 32 * n + 16 * h + l                 # rest byte of qs
-                            q = (np.int32(grp[o + 32 + 32 * (r // 4) + 4 * i + r % 4]) >> (2 * j)) & 3
+                            q = (_rest_byte(grp, o, i, 16 + 32 * n + 16 * h + l, _Q2_K_AT, 32)
+                                 >> (2 * j)) & 3
                             y[l] = dl * np.float32(q) - ml
         return
     if qtype == PackedType.Q3_K_X8:            # as kquants._dequant_row_q3_k, bytes regathered
@@ -511,20 +515,46 @@ def _byte_shift(builder, v, by):
     return builder.bitcast(w, _V32I8)
 
 
-class _Q4KTile:
+def _lane_u8(builder, vs, s):
+    """Byte ``s`` of each lane's bytes held 4 per vector in ``vs``, zero-extended: 8 × int32."""
+    return builder.bitcast(_lane_bytes(builder, vs[s // 4], (s % 4, None, None, None)), _V8I32)
+
+
+def _lane_u8_pair(builder, vs, a, b):
+    """Bytes ``a`` and ``b`` (in the same vector of ``vs``) of each lane as two zero-extended
+    int16: 16 × int16, the pair ``vpmaddwd`` multiplies with a dword of the Q8_K block sums."""
+    assert a // 4 == b // 4
+    return builder.bitcast(_lane_bytes(builder, vs[a // 4], (a % 4, None, b % 4, None)), _V16I16)
+
+
+class _KTile:
+    """What every K-quant tile shares: its rest chunks addressed through the format's layout
+    (after the ``n_half`` f16 fields of 8 rows, chunk ``c`` where its stored order puts it).
+    Formats without mins (Q3_K, Q6_K) store their quants unsigned with a fixed offset ``2^k``
+    (``offset_shift`` = k): ``offset · Σ_s sc_s · xb[s]`` is taken off the block total (the
+    ``aux`` pair of dword ``u`` is ``(sc_2u, sc_2u+1)``)."""
+    has_min = False
+
+    @classmethod
+    def chunk(cls, builder, g_ptr, at, c, vtype=_V32I8):
+        layout = _LAYOUTS[cls.base]
+        off = 16 * layout.n_half + 32 * layout.chunk_at(c)
+        return _load(builder, g_ptr, builder.add(at, ir.Constant(at.type, off)), vtype)
+
+
+class _Q4KTile(_KTile):
     """Q4_K in :func:`_emit_tile_k`: 8 sub-blocks of 32 (sub-block ``j``: nibbles ``j % 2`` of
     quant chunks ``8(j // 2) ..``), unsigned 6-bit scales, a separate min term (the ``aux`` pair
     of sub-block ``j`` is ``(m_j, m_j)``: ``Σ_j m_j · (xb[2j] + xb[2j+1])``)."""
     base, per16, has_min = _Q4_K, 8, True
     order = tuple(range(8))
 
-    @staticmethod
-    def head(builder, g_ptr, at):
+    @classmethod
+    def head(cls, builder, g_ptr, at):
         """The 6-bit scales and mins of every lane at once — ggml's ``utmp`` shuffle of
         ``get_scale_min_k4`` (as ``avx2.k4_scales_mins``): ``(scales 0..3, scales 4..7,
         mins 0..3, mins 4..7)``, 8 × int32 each, one byte per value."""
-        u0, u1, u2 = (_load(builder, g_ptr, builder.add(at, ir.Constant(at.type, 32 + 32 * s)),
-                            _V8I32) for s in range(3))
+        u0, u1, u2 = (cls.chunk(builder, g_ptr, at, c, _V8I32) for c in range(3))
         k = _k_const
         high2 = [builder.shl(builder.and_(builder.lshr(u, k(6)), k(0x03030303)), k(4))
                  for u in (u0, u1)]
@@ -535,21 +565,19 @@ class _Q4KTile:
 
     @staticmethod
     def aux_pair(builder, head, j):
-        return builder.bitcast(_lane_bytes(builder, head[2 + j // 4], (j % 4, None, j % 4, None)),
-                               _V16I16)
+        return _lane_u8_pair(builder, head[2:], j, j)
 
     @staticmethod
     def scale(builder, head, j):
-        return builder.bitcast(_lane_bytes(builder, head[j // 4], (j % 4, None, None, None)),
-                               _V8I32)
+        return _lane_u8(builder, head, j)
 
-    @staticmethod
-    def quants(builder, g_ptr, at, j):
+    @classmethod
+    def quants(cls, builder, g_ptr, at, j):
         """(8 quant vectors, their activation offsets) of sub-block ``j``."""
         h = j // 2
         qs = []
         for ch in range(8 * h, 8 * h + 8):
-            v = _load(builder, g_ptr, builder.add(at, ir.Constant(at.type, 128 + 32 * ch)), _V32I8)
+            v = cls.chunk(builder, g_ptr, at, 3 + ch)
             if j % 2:
                 v = builder.bitcast(builder.lshr(builder.bitcast(v, _V16I16), _k_const(4, _V16I16)),
                                     _V32I8)
@@ -563,21 +591,20 @@ class _Q5KTile(_Q4KTile):
     sub-block ``j``'s quants (0..31: four vpmaddubsw pairs fit an int16 without VNNI)."""
     base, per16 = _Q5_K, 4
 
-    @staticmethod
-    def quants(builder, g_ptr, at, j):
+    @classmethod
+    def quants(cls, builder, g_ptr, at, j):
         h = j // 2
         qs = []
         for L in range(8):
-            v = _load(builder, g_ptr, builder.add(at, ir.Constant(at.type, 384 + 32 * (8 * h + L))),
-                      _V32I8)
-            hb = _load(builder, g_ptr, builder.add(at, ir.Constant(at.type, 128 + 32 * L)), _V32I8)
+            v = cls.chunk(builder, g_ptr, at, 11 + 8 * h + L)
+            hb = cls.chunk(builder, g_ptr, at, 3 + L)
             low = builder.and_(_byte_shift(builder, v, -4 * (j % 2)), _k_const(0x0F, _V32I8))
             high = builder.and_(_byte_shift(builder, hb, 4 - j), _k_const(0x10, _V32I8))
             qs.append(builder.or_(low, high))
         return qs, [32 * j + 4 * l for l in range(8)]
 
 
-class _Q2KTile:
+class _Q2KTile(_KTile):
     """Q2_K in :func:`_emit_tile_k`: 16 sub-blocks of 16, 4-bit scales (low nibble of scale byte
     ``s``) and mins (high nibble; the ``aux`` pair of dword ``u`` is ``(m_2u, m_2u+1)``), a
     separate min term as Q4_K. Rest chunks in block order (the tile reads them in order):
@@ -586,10 +613,6 @@ class _Q2KTile:
     base, per16, has_min = _Q2_K, 8, True
     order = tuple(8 * n + 2 * j + h for n in range(2) for h in range(2) for j in range(4))
 
-    @staticmethod
-    def chunk(builder, g_ptr, at, c, vtype=_V32I8):
-        return _load(builder, g_ptr, builder.add(at, ir.Constant(at.type, 32 + 32 * c)), vtype)
-
     @classmethod
     def head(cls, builder, g_ptr, at):
         """Every lane's 16 scale bytes, 4 per 8 × int32."""
@@ -597,14 +620,11 @@ class _Q2KTile:
 
     @staticmethod
     def aux_pair(builder, head, u):
-        b = 2 * u % 4
-        pair = builder.bitcast(_lane_bytes(builder, head[u // 2], (b, None, b + 1, None)), _V16I16)
-        return builder.lshr(pair, _k_const(4, _V16I16))
+        return builder.lshr(_lane_u8_pair(builder, head, 2 * u, 2 * u + 1), _k_const(4, _V16I16))
 
     @staticmethod
     def scale(builder, head, s):
-        sc = builder.bitcast(_lane_bytes(builder, head[s // 4], (s % 4, None, None, None)), _V8I32)
-        return builder.and_(sc, _k_const(15))
+        return builder.and_(_lane_u8(builder, head, s), _k_const(15))
 
     @classmethod
     def quants(cls, builder, g_ptr, at, s):
@@ -614,21 +634,7 @@ class _Q2KTile:
         return qs, [128 * n + 32 * j + 16 * h + 4 * L for L in range(4)]
 
 
-class _OffsetTile:
-    """Shared parts of the K-quants whose quants are stored unsigned with a fixed offset (Q6_K:
-    −32, Q3_K: −4): ``offset · Σ_s sc_s · xb[s]`` is taken off the block total (the ``aux``
-    pair of dword ``u`` is ``(sc_2u, sc_2u+1)``), and the rest chunks are read through the
-    format's stored order."""
-    has_min = False
-
-    @classmethod
-    def chunk(cls, builder, g_ptr, at, c, vtype=_V32I8):
-        pos = _LAYOUTS[cls.base].chunk_at(c)
-        return _load(builder, g_ptr, builder.add(at, ir.Constant(at.type, 16 + 32 * pos)), vtype)
-
-
-
-class _Q6KTile(_OffsetTile):
+class _Q6KTile(_KTile):
     """Q6_K in :func:`_emit_tile_k`: 16 sub-blocks of 16 with signed 8-bit scales; the −32
     offset of the 6-bit quants is ``32 · Σ_s sc_s · xb[s]`` (the ``aux`` pair of dword ``u`` is
     ``(sc_2u, sc_2u+1)``), taken off the block total before its fma, as ggml does.
@@ -678,7 +684,7 @@ class _Q6KTile(_OffsetTile):
         return qs, [128 * n + 32 * m + 4 * L for L in range(4 * r, 4 * r + 4)]
 
 
-class _Q3KTile(_OffsetTile):
+class _Q3KTile(_KTile):
     """Q3_K in :func:`_emit_tile_k`: 16 sub-blocks of 16, 6-bit scales minus 32, quants
     ``q' = q + 4`` in 0..7 (2 bits of qs, the hmask bit as bit 2; ggml subtracts 4 where the
     hmask bit is clear), the −4 offset taken off the block total as Q6_K's −32.
@@ -705,14 +711,11 @@ class _Q3KTile(_OffsetTile):
 
     @staticmethod
     def aux_pair(builder, head, u):
-        b = 2 * u % 4
-        pair = builder.bitcast(_lane_bytes(builder, head[u // 2], (b, None, b + 1, None)), _V16I16)
-        return builder.sub(pair, _k_const(32, _V16I16))
+        return builder.sub(_lane_u8_pair(builder, head, 2 * u, 2 * u + 1), _k_const(32, _V16I16))
 
     @staticmethod
     def scale(builder, head, s):
-        sc = builder.bitcast(_lane_bytes(builder, head[s // 4], (s % 4, None, None, None)), _V8I32)
-        return builder.sub(sc, _k_const(32))
+        return builder.sub(_lane_u8(builder, head, s), _k_const(32))
 
     @classmethod
     def quants(cls, builder, g_ptr, at, s):

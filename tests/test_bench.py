@@ -68,6 +68,21 @@ def test_bench_markdown_readme_table(capsys, tmp_path, monkeypatch):
     assert lines[-1] == f"`cpuinfer bench {FILES[0]} -t 1 -p 4 -n 2 -r 1 --no-bandwidth --markdown`"
 
 
+def test_bench_markdown_and_json_from_one_run(capsys, tmp_path, monkeypatch):
+    """--markdown --json: the README table, then one JSON record per row, with the same figures
+    (one measurement: a lent machine's minutes are too few to run the bench twice)."""
+    monkeypatch.setenv("CPUINFER_CACHE_DIR", str(tmp_path))
+    assert main(["bench", str(FILES[0]), "-t", "1", "-p", "4", "-n", "2", "-r", "1", "--markdown",
+                 "--json", "--no-bandwidth"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| machine | model |") and lines[3] == ""
+    assert lines[4].endswith("--no-bandwidth --markdown`")
+    rec = json.loads(lines[5])
+    assert len(lines) == 6 and rec["threads"] == 1
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[3] == f"{rec['tg_tps']:.1f}" and cells[4] == f"{rec['pp_tps']:.1f}"
+
+
 def test_token_profile_splits_a_dense_token_and_refuses_moe(capsys):
     """tools.token_profile: every matrix role and the output head listed with their bytes'
     GB/s, the matmul pass no longer than what it adds up to; MoE files get one error line."""

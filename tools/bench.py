@@ -306,7 +306,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vs-llama-cpp", action="store_true", help="also run llama.cpp (llama-cpp-python) and print ratios")
     p.add_argument("--no-bandwidth", action="store_true", help="skip measuring the read bandwidth")
     p.add_argument("--markdown", action="store_true",
-                   help="the README results table (machine column, ratios, the command line) instead")
+                   help="the README results table (machine column, ratios, the command line) instead; "
+                        "with --json, the table and then the JSON records of the same run")
     p.add_argument("--ttft", action="store_true",
                    help="instead: time to first token of `cpuinfer run -p` in a new process, first and second start")
     p.add_argument("--numa", default="auto", metavar="POLICY",
@@ -372,11 +373,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_bandwidth:   # `cpuinfer estimate` takes this machine's efficiency from here
         from tools.estimate import store_bench_records
         store_bench_records([asdict(r) for r in records])
+    if args.markdown:           # with --json too: the table, then the records it was made from
+        print_readme_table(records, command_line(args, threads))
     if args.json:
         for r in records:
             print(json.dumps(asdict(r)))
-    elif args.markdown:
-        print_readme_table(records, command_line(args, threads))
-    else:
+    if not (args.json or args.markdown):
         print_table(records)
     return 0

@@ -11,6 +11,8 @@ compiled call::
 
     matmul_kernel(qtype, w, x, out, scratch)   # out[n, rows] = x[n, k] @ W.T  (parallel)
     matmul_serial(qtype, w, x, out, scratch)   # the same on the calling thread
+    matmul3(t0, w0, out0, t1, w1, out1, t2, w2, out2, x, scratch)  # 3 matrices, one x, one region
+    matmul2(t0, w0, out0, t1, w1, out1, x, scratch)                # the same for two
     matvec_stack(qtype, ws, sel, x, out, scratch)  # out[j] = ws[sel[j]] · x[j], one region
     get_rows_kernel(qtype, w, ids, out)        # out[i] = dequant(W[ids[i]])
     dot_rows(qtype, w, r0, r1, x, out)         # serial pieces of the above, for fused kernels
@@ -460,6 +462,63 @@ def matmul_kernel(qtype, w, x, out, scratch):
     for p in prange(parts):         # one contiguous run of chunks per thread
         c0, c1 = schedule_block(n_chunks, parts, p)
         mul_chunks(qtype, w, c0, c1, x, out, scratch)
+
+
+@kernel
+def act_format(qtype):
+    """Which activation tables :func:`prepare_acts` writes for ``qtype``: 0 none (the float
+    formats), 1 int8 per 32 with ggml's q8_1 sums, 2 the same with exact integer sums (the
+    interleaved Q4_0/Q8_0 kernels), 3 Q8_K. Matrices of one format share one preparation."""
+    if uses_q8_act(qtype):
+        return 2 if qtype == _Q4_0_X8 or qtype == _Q8_0_X8 else 1
+    return 3 if uses_q8k_act(qtype) else 0
+
+
+@parallel_kernel
+def matmul3(t0, w0, out0, t1, w1, out1, t2, w2, out2, x, scratch):
+    """``out_i = x · W_iᵀ`` for up to three matrices that read the same ``x`` [n, k] —
+    attention's q/k/v, the FFN's gate/up (``w2`` with 0 rows: absent) — in one parallel region
+    on one preparation of the activations. Each thread runs, in every matrix, the run of chunks
+    :func:`matmul_kernel` would give it (so :mod:`numa.plan`'s row placement holds), one matrix
+    after the other with no join between them: at 16 threads the 1024-row k/v projections of a
+    7B model read 54 GB/s as calls of their own, a region's start and join costing about what
+    their 150 KB per thread take to stream. Same results as three :func:`matmul_kernel` calls;
+    matrices whose activation formats differ (a rare mixed file) are run as such calls."""
+    n = x.shape[0]
+    fmt = act_format(t0)
+    if act_format(t1) != fmt or (w2.shape[0] > 0 and act_format(t2) != fmt):
+        matmul_kernel(t0, w0, x, out0, scratch)
+        matmul_kernel(t1, w1, x, out1, scratch)
+        if w2.shape[0] > 0:
+            matmul_kernel(t2, w2, x, out2, scratch)
+        return
+    if n < 4:
+        for t in range(n):
+            prepare_acts(t0, x, scratch, t)
+    else:
+        for t in prange(n):
+            prepare_acts(t0, x, scratch, t)
+    nt = num_threads()
+    c0n = (w0.shape[0] + ROW_TILE - 1) // ROW_TILE
+    c1n = (w1.shape[0] + ROW_TILE - 1) // ROW_TILE
+    c2n = (w2.shape[0] + ROW_TILE - 1) // ROW_TILE
+    p0, p1, p2 = min(nt, c0n), min(nt, c1n), min(nt, c2n)
+    for p in prange(max(p0, p1, p2)):
+        if p < p0:
+            a, b = schedule_block(c0n, p0, p)
+            mul_chunks(t0, w0, a, b, x, out0, scratch)
+        if p < p1:
+            a, b = schedule_block(c1n, p1, p)
+            mul_chunks(t1, w1, a, b, x, out1, scratch)
+        if p < p2:
+            a, b = schedule_block(c2n, p2, p)
+            mul_chunks(t2, w2, a, b, x, out2, scratch)
+
+
+@kernel
+def matmul2(t0, w0, out0, t1, w1, out1, x, scratch):
+    """:func:`matmul3` for two matrices (the FFN's gate and up)."""
+    matmul3(t0, w0, out0, t1, w1, out1, t1, w1[:0], out1[:, :0], x, scratch)
 
 
 @parallel_kernel

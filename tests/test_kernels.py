@@ -259,3 +259,50 @@ def test_matmul_dispatches_hot_formats_to_avx2_when_available():
     assert (kernels._idot_q4_1 is avx2.idot_q4_1_avx2) == expect
     assert (kernels._idot_q8_0 is avx2.idot_q8_0_avx2) == expect
     assert (kernels._idot_q4_0 is avx2.idot_q4_0_avx2) == expect
+
+
+def _shared_x_case(t, rows, k, rng, packed):
+    """A random matrix of ``t`` (interleaved when ``packed``) and its kernel type code."""
+    from quant import interleaved as il
+    w = random_matrix(rng, t, rows, k)
+    if packed and il.can_pack(t, rows):
+        return _readonly(il.pack(w, t)), int(il.PACKED[t])
+    return _readonly(w), int(t)
+
+
+# (types of the matrices, rows of each, interleaved): q/k/v and gate/up shapes, a Q4_K_M-like
+# mix (one activation preparation for all), mixed activation formats (run one by one), a matrix
+# of fewer chunks than threads
+_SHARED_X = [((GGMLType.Q4_0,) * 3, (64, 16, 16), True),
+             ((GGMLType.Q4_K, GGMLType.Q4_K, GGMLType.Q6_K), (48, 16, 16), True),
+             ((GGMLType.Q8_0, GGMLType.Q8_0), (40, 24), True),
+             ((GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0), (32, 16, 8), True),
+             ((GGMLType.Q5_0, GGMLType.Q4_K, GGMLType.F16), (37, 9, 5), False),
+             ((GGMLType.F32, GGMLType.F32), (21, 3), False)]
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("types, rows, packed", _SHARED_X, ids=lambda v: str(v))
+def test_matmul3_gives_the_bits_of_one_call_per_matrix(types, rows, packed, n, n_threads, threads):
+    """kernels.matmul3 / matmul2 (q/k/v, gate/up in one region on one activation preparation)
+    write exactly what one matmul_kernel call per matrix writes, every output element."""
+    if n_threads > max_threads():
+        pytest.skip("numba has a single thread here")
+    set_threads(n_threads)
+    rng = np.random.default_rng([n, n_threads, len(rows), rows[0]])
+    k = 512
+    mats = [_shared_x_case(t, r, k, rng, packed) for t, r in zip(types, rows)]
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    scratch = np.empty(max(int(kernels.act_scratch_bytes(c, n, k)) for _, c in mats), np.uint8)
+    ref = [np.full((n, r), np.nan, np.float32) for r in rows]
+    for (w, c), o in zip(mats, ref):
+        kernels.matmul_kernel(c, w, x, o, scratch)
+    got = [np.full((n, r), np.nan, np.float32) for r in rows]
+    args = [a for (w, c), o in zip(mats, got) for a in (c, w, o)]
+    if len(mats) == 3:
+        kernels.matmul3(*args, x, scratch)
+    else:
+        kernels.matmul2(*args, x, scratch)
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a, b)

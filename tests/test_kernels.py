@@ -306,3 +306,40 @@ def test_matmul3_gives_the_bits_of_one_call_per_matrix(types, rows, packed, n, n
         kernels.matmul2(*args, x, scratch)
     for a, b in zip(got, ref):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("tg, tu", [(GGMLType.Q4_0, GGMLType.Q4_0), (GGMLType.Q4_K, GGMLType.Q6_K),
+                                    (GGMLType.Q4_0, GGMLType.Q4_1)], ids=lambda t: t.name)
+def test_fused_swiglu_regions_give_the_bits_of_the_separate_steps(tg, tu, n, n_threads, threads):
+    """ops.swiglu_ffn_in (dense FFN) and ops.swiglu_experts_in (one token's experts): gate, up
+    and SwiGLU in one region write what the two mat-muls and ops.swiglu write."""
+    from cpuinfer import ops
+    if n_threads > max_threads():
+        pytest.skip("numba has a single thread here")
+    set_threads(n_threads)
+    rng = np.random.default_rng([n, n_threads, int(tg)])
+    k, ff = 512, 72
+    (wg, cg), (wu, cu) = (_shared_x_case(t, ff, k, rng, True) for t in (tg, tu))
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    scratch = np.empty(max(int(kernels.act_scratch_bytes(c, n, k)) for c in (cg, cu)), np.uint8)
+    gate, up, ref = (np.full((n, ff), np.nan, np.float32) for _ in range(3))
+    kernels.matmul_kernel(cg, wg, x, gate, scratch)
+    kernels.matmul_kernel(cu, wu, x, up, scratch)
+    ops.swiglu(gate, up, ref)
+    got_g, got_u, hidden = (np.full((n, ff), np.nan, np.float32) for _ in range(3))
+    ops.swiglu_ffn_in(cg, wg, got_g, cu, wu, got_u, x, hidden, scratch)
+    np.testing.assert_array_equal(hidden, ref)
+    # experts: a stack of 3, experts 2 and 0 selected, one token
+    stack_g = np.stack([_shared_x_case(tg, ff, k, rng, True)[0] for _ in range(3)])
+    stack_u = np.stack([_shared_x_case(tu, ff, k, rng, True)[0] for _ in range(3)])
+    sel = np.array([2, 0], np.int64)
+    ge, ue = np.full((2, ff), np.nan, np.float32), np.full((2, ff), np.nan, np.float32)
+    for j, e in enumerate(sel):
+        kernels.matmul_kernel(cg, stack_g[e], x[:1], ge[j:j + 1], scratch)
+        kernels.matmul_kernel(cu, stack_u[e], x[:1], ue[j:j + 1], scratch)
+    ops.swiglu(ge, ue, ge)
+    got_ge, got_ue = np.full((2, ff), np.nan, np.float32), np.full((2, ff), np.nan, np.float32)
+    ops.swiglu_experts_in(cg, stack_g, got_ge, cu, stack_u, got_ue, sel, x[:1], scratch)
+    np.testing.assert_array_equal(got_ge, ge)

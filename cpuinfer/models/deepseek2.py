@@ -443,8 +443,7 @@ def _swiglu_ffn(xb, out, gate_flat, up_flat, scratch, wg, tg, wu, tu, wd, td):
     ff = wg.shape[0]
     gate = gate_flat[:n * ff].reshape((n, ff))
     up = up_flat[:n * ff].reshape((n, ff))
-    matmul2(tg, wg, gate, tu, wu, up, xb, scratch)                       # 2 × [n, ff]
-    ops.swiglu(gate, up, gate)
+    ops.swiglu_ffn_in(tg, wg, gate, tu, wu, up, xb, gate, scratch)       # [n, ff]
     matmul_kernel(td, wd, gate, out, scratch)                            # [n, d]
 
 

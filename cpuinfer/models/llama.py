@@ -15,7 +15,7 @@ from ..gguf import GGUFFile
 from ..kvcache import KVCache
 from ..weights import QTensor, TensorLoader, matmul_scratch
 from quant.jit import kernel
-from quant.kernels import matmul2, matmul3, matmul_kernel
+from quant.kernels import matmul3, matmul_kernel
 
 
 @dataclass(frozen=True)
@@ -216,11 +216,7 @@ def _layer(n, p0, li, eps, scale, neox, nh, nkv,
         ops.rmsnorm_serial(x, ffn_norm, eps, xb)
     else:
         ops.rmsnorm(x, ffn_norm, eps, xb)
-    matmul2(tg, w_gate, gate, tu, w_up, up, xb, scratch)                # 2 × [n, ff]
-    if one:
-        ops.swiglu_serial(gate, up, hidden)
-    else:
-        ops.swiglu(gate, up, hidden)
+    ops.swiglu_ffn_in(tg, w_gate, gate, tu, w_up, up, xb, hidden, scratch)  # [n, ff]
     matmul_kernel(td, w_down, hidden, xo, scratch)                      # [n, d]
     ops.add_into(x, xo)
 

@@ -8,7 +8,6 @@ import gguf
 import numpy as np
 import pytest
 
-import quant
 from cpuinfer.errors import CpuinferError
 from cpuinfer.gguf import GGMLType, open_gguf
 from quant import (FORMATS, SUPPORTED_TYPES, check_supported, dequantize, get_rows, matmul,

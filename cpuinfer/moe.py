@@ -14,8 +14,7 @@ compiled call that
 3. groups the (token, expert) pairs by expert (a counting sort) and runs each selected expert
    once over all its tokens — a mat-vec when it has one token, a mat-mat otherwise — straight
    from the mapped stacked tensors; experts no token selected are never read. For one token
-   (decode) the gate and up mat-vecs of all its experts and their SwiGLU run as one parallel
-   region (:func:`cpuinfer.ops.swiglu_experts_in`), the down mat-vecs as a second
+   (decode) the gate, up and down mat-vecs of all its experts run as three parallel regions
    (:func:`quant.kernels.matvec_stack`), not three per expert: at 100+ threads a region's
    fork/join costs about as much as one expert's 2048-row mat-vec;
 4. adds ``weight · down(silu(gate(x)) ⊙ up(x))`` into each token's output.
@@ -197,9 +196,9 @@ def _route_token(logits, bias, gating, n_group, n_group_used, norm_w, w_scale,
 @kernel
 def _one_token_experts(x, out, ids, weights, q_gate, w_gate, q_up, w_up, q_down, w_down,
                        sel, sel_w, gs, us, ys, scratch):
-    """The expert loop of :func:`_moe_ffn` for one token (its ``ids``/``weights`` [k]) in 2
-    parallel regions — gate/up/SwiGLU of all its experts (:func:`ops.swiglu_experts_in`), then
-    their down projections (:func:`quant.kernels.matvec_stack`) — instead of 3 per expert. Same results: the same row kernels, and the weighted outputs are
+    """The expert loop of :func:`_moe_ffn` for one token (its ``ids``/``weights`` [k]) in 3
+    parallel regions — gate, up, down of all its experts (:func:`quant.kernels.matvec_stack`) —
+    instead of 3 per expert. Same results: the same row kernels, and the weighted outputs are
     added in ascending expert order, as the general loop adds them."""
     m = ids.shape[0]
     for j in range(m):                             # insertion sort of (id, weight) by id
@@ -212,7 +211,9 @@ def _one_token_experts(x, out, ids, weights, q_gate, w_gate, q_up, w_up, q_down,
         sel[i] = e
         sel_w[i] = wt
     ge, ue, ye = gs[:m], us[:m], ys[:m]
-    ops.swiglu_experts_in(q_gate, w_gate, ge, q_up, w_up, ue, sel, x, scratch)
+    qk.matvec_stack(q_gate, w_gate, sel, x, ge, scratch)
+    qk.matvec_stack(q_up, w_up, sel, x, ue, scratch)
+    ops.swiglu_serial(ge, ue, ge)
     qk.matvec_stack(q_down, w_down, sel, ge, ye, scratch)
     for i in range(m):
         for j in range(out.shape[1]):

@@ -10,8 +10,7 @@ import numpy as np
 from numba import prange
 
 from quant.base import f32_to_half_bits, half_bits_to_f32
-from quant.jit import fast_kernel, fast_parallel_kernel, kernel, num_threads, parallel_kernel
-from quant.kernels import act_format, matmul_kernel, matvec_stack, mul_part, n_parts, prepare_all
+from quant.jit import fast_kernel, fast_parallel_kernel, kernel, parallel_kernel
 
 from .arch import RopeType
 
@@ -192,48 +191,6 @@ def swiglu_serial(gate, up, out):
     """:func:`swiglu` on the calling thread (for one token; same results)."""
     for t in range(gate.shape[0]):
         _swiglu_row(gate[t], up[t], out[t])
-
-
-@parallel_kernel
-def swiglu_ffn_in(tg, wg, gate, tu, wu, up, x, hidden, scratch):
-    """``hidden = silu(x · W_gateᵀ) ⊙ (x · W_upᵀ)`` [n, ff] in one parallel region: each thread
-    writes its rows of gate and up (:func:`quant.kernels.mul_part`, one activation preparation)
-    and applies SwiGLU to those rows while they are in its cache. Run on its own for one token,
-    SwiGLU over 14336 values took 41 µs per layer on the calling thread, 2 % of a 16-thread 7B
-    token. ``hidden`` may be ``gate``. Same values as the two mat-muls and :func:`swiglu`."""
-    if act_format(tg) != act_format(tu) or wg.shape[0] != wu.shape[0]:
-        matmul_kernel(tg, wg, x, gate, scratch)
-        matmul_kernel(tu, wu, x, up, scratch)
-        swiglu(gate, up, hidden)
-        return
-    prepare_all(tg, x, scratch)
-    nt = num_threads()
-    for p in prange(n_parts(wg, nt)):
-        r0, r1 = mul_part(tg, wg, x, gate, scratch, p, nt)
-        mul_part(tu, wu, x, up, scratch, p, nt)
-        for t in range(x.shape[0]):
-            _swiglu_row(gate[t, r0:r1], up[t, r0:r1], hidden[t, r0:r1])
-
-
-@parallel_kernel
-def swiglu_experts_in(tg, wg, gate, tu, wu, up, sel, x, scratch):
-    """``gate[j] = silu(x · W_gate[sel[j]]ᵀ) ⊙ (x · W_up[sel[j]]ᵀ)`` for one token ``x`` [1, k]
-    and its experts ``sel`` of the stacked ``wg``/``wu`` [E, ff, k], in one parallel region:
-    :func:`swiglu_ffn_in` per expert, each thread keeping its rows in every expert (as
-    :func:`quant.kernels.matvec_stack`). Same values as two stacks and :func:`swiglu_serial`."""
-    m = sel.shape[0]
-    if act_format(tg) != act_format(tu) or wg.shape[1] != wu.shape[1]:
-        matvec_stack(tg, wg, sel, x, gate, scratch)
-        matvec_stack(tu, wu, sel, x, up, scratch)
-        swiglu_serial(gate, up, gate)
-        return
-    prepare_all(tg, x, scratch)
-    nt = num_threads()
-    for p in prange(n_parts(wg[0], nt)):
-        for j in range(m):
-            r0, r1 = mul_part(tg, wg[sel[j]], x, gate[j:j + 1], scratch, p, nt)
-            mul_part(tu, wu[sel[j]], x, up[j:j + 1], scratch, p, nt)
-            _swiglu_row(gate[j, r0:r1], up[j, r0:r1], gate[j, r0:r1])
 
 
 @kernel

@@ -11,9 +11,6 @@ compiled call::
 
     matmul_kernel(qtype, w, x, out, scratch)   # out[n, rows] = x[n, k] @ W.T  (parallel)
     matmul_serial(qtype, w, x, out, scratch)   # the same on the calling thread
-    matmul3(t0, w0, out0, t1, w1, out1, t2, w2, out2, x, scratch)  # 3 matrices, one x, one region
-    matmul2(t0, w0, out0, t1, w1, out1, x, scratch)                # the same for two
-    mul_part(qtype, w, x, out, scratch, p, nt)  # thread p's rows of nt, for fused regions
     matvec_stack(qtype, ws, sel, x, out, scratch)  # out[j] = ws[sel[j]] · x[j], one region
     get_rows_kernel(qtype, w, ids, out)        # out[i] = dequant(W[ids[i]])
     dot_rows(qtype, w, r0, r1, x, out)         # serial pieces of the above, for fused kernels
@@ -392,7 +389,7 @@ def prepare_acts(qtype, x, scratch, t):
     n, k = x.shape
     if uses_q8_act(qtype):
         xq, xd, xs = act_tables(scratch, n, k)
-        quantize_act_q8(x[t], xq[t], xd[t], xs[t], act_format(qtype) == 2)
+        quantize_act_q8(x[t], xq[t], xd[t], xs[t], qtype == _Q4_0_X8 or qtype == _Q8_0_X8)
     elif uses_q8k_act(qtype):
         kq, kd, kb = act_tables_k(scratch, n, k)
         quantize_act_q8k(x[t], kq[t], kd[t], kb[t])
@@ -442,8 +439,15 @@ def mul_chunks(qtype, w, c0, c1, x, out, scratch):
 
 
 @parallel_kernel
-def prepare_all(qtype, x, scratch):
-    """:func:`prepare_acts` for every token of ``x`` (tokens in parallel from 4 on)."""
+def matmul_kernel(qtype, w, x, out, scratch):
+    """``out[t, r] = Σ_j x[t, j] · W[r, j]`` for uint8 rows ``w[rows, row_bytes]``.
+
+    ``x`` float32[n, k], ``out`` float32[n, rows], ``scratch`` uint8 of at least
+    ``act_scratch_bytes(qtype, n, k)`` bytes (unused for float-activation formats). Rows are cut
+    into chunks of ROW_TILE and each thread takes the contiguous run of chunks numba's static
+    schedule would give it (:func:`schedule_block`; :mod:`numa.plan` places rows by the same
+    rule) in one task (:func:`mul_chunks`), so a thread's weights are one sequential read.
+    """
     n = x.shape[0]
     if n < 4:
         for t in range(n):
@@ -451,84 +455,11 @@ def prepare_all(qtype, x, scratch):
     else:
         for t in prange(n):
             prepare_acts(qtype, x, scratch, t)
-
-
-@kernel
-def n_parts(w, nt):
-    """How many threads of ``nt`` share ``w``'s rows (at least one ROW_TILE chunk each)."""
-    return min(nt, (w.shape[0] + ROW_TILE - 1) // ROW_TILE)
-
-
-@kernel
-def mul_part(qtype, w, x, out, scratch, p, nt):
-    """Part ``p`` of ``nt`` of ``out = x · Wᵀ`` on the calling thread: the contiguous run of
-    ROW_TILE chunks numba's static schedule gives thread ``p`` (:func:`schedule_block`;
-    :mod:`numa.plan` places rows by the same rule), activations already prepared. Returns the
-    rows written, ``(r0, r1)``, empty for a part past the last."""
     n_chunks = (w.shape[0] + ROW_TILE - 1) // ROW_TILE
-    parts = min(nt, n_chunks)
-    if p >= parts:
-        return 0, 0
-    c0, c1 = schedule_block(n_chunks, parts, p)
-    mul_chunks(qtype, w, c0, c1, x, out, scratch)
-    return c0 * ROW_TILE, min(w.shape[0], c1 * ROW_TILE)
-
-
-@parallel_kernel
-def matmul_kernel(qtype, w, x, out, scratch):
-    """``out[t, r] = Σ_j x[t, j] · W[r, j]`` for uint8 rows ``w[rows, row_bytes]``.
-
-    ``x`` float32[n, k], ``out`` float32[n, rows], ``scratch`` uint8 of at least
-    ``act_scratch_bytes(qtype, n, k)`` bytes (unused for float-activation formats). Rows are cut
-    into chunks of ROW_TILE and each thread takes the contiguous run of chunks numba's static
-    schedule would give it in one task (:func:`mul_part`), so a thread's weights are one
-    sequential read.
-    """
-    prepare_all(qtype, x, scratch)
-    nt = num_threads()
-    for p in prange(n_parts(w, nt)):
-        mul_part(qtype, w, x, out, scratch, p, nt)
-
-
-@kernel
-def act_format(qtype):
-    """Which activation tables :func:`prepare_acts` writes for ``qtype``: 0 none (the float
-    formats), 1 int8 per 32 with ggml's q8_1 sums, 2 the same with exact integer sums (the
-    interleaved Q4_0/Q8_0 kernels), 3 Q8_K. Matrices of one format share one preparation."""
-    if uses_q8_act(qtype):
-        return 2 if qtype == _Q4_0_X8 or qtype == _Q8_0_X8 else 1
-    return 3 if uses_q8k_act(qtype) else 0
-
-
-@parallel_kernel
-def matmul3(t0, w0, out0, t1, w1, out1, t2, w2, out2, x, scratch):
-    """``out_i = x · W_iᵀ`` for up to three matrices that read the same ``x`` [n, k] —
-    attention's q/k/v, the FFN's gate/up (``w2`` with 0 rows: absent) — in one parallel region
-    on one preparation of the activations. Each thread runs its :func:`mul_part` of every
-    matrix (so :mod:`numa.plan`'s row placement holds), one matrix after the other with no join
-    between them: at 16 threads the 1024-row k/v projections of a 7B model read 54 GB/s as
-    calls of their own, a region's start and join costing about what their 150 KB per thread
-    take to stream. Same results as three :func:`matmul_kernel` calls; matrices whose
-    activation formats differ (a rare mixed file) are run as such calls."""
-    fmt = act_format(t0)
-    if act_format(t1) != fmt or (w2.shape[0] > 0 and act_format(t2) != fmt):
-        matmul_kernel(t0, w0, x, out0, scratch)
-        matmul_kernel(t1, w1, x, out1, scratch)
-        if w2.shape[0] > 0:
-            matmul_kernel(t2, w2, x, out2, scratch)
-        return
-    prepare_all(t0, x, scratch)
-    nt = num_threads()
-    for p in prange(max(n_parts(w0, nt), n_parts(w1, nt), n_parts(w2, nt))):
-        mul_part(t0, w0, x, out0, scratch, p, nt)
-        mul_part(t1, w1, x, out1, scratch, p, nt)
-        mul_part(t2, w2, x, out2, scratch, p, nt)
-
-
-@kernel
-def matmul2(t0, w0, out0, t1, w1, out1, x, scratch):
-    """:func:`matmul3` for two matrices (MLA's q_a and kv_a)."""
-    matmul3(t0, w0, out0, t1, w1, out1, t1, w1[:0], out1[:, :0], x, scratch)
+    parts = min(num_threads(), n_chunks)
+    for p in prange(parts):         # one contiguous run of chunks per thread
+        c0, c1 = schedule_block(n_chunks, parts, p)
+        mul_chunks(qtype, w, c0, c1, x, out, scratch)
 
 
 @parallel_kernel

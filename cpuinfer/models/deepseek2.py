@@ -34,7 +34,7 @@ from numba import prange
 
 from quant import kernels as qk
 from quant.jit import kernel, parallel_kernel
-from quant.kernels import matmul2, matmul_kernel
+from quant.kernels import matmul_kernel
 
 from .. import ops
 from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
@@ -412,11 +412,12 @@ def _mla_block(n, p0, li, eps, kq_scale, neox, nh, nope,
     ops.rmsnorm(x, attn_norm, eps, xb)
     if has_qa:
         qa, qa_n = qa_all[:n], qa_n_all[:n]
-        matmul2(tq_a, wq_a, qa, tkv_a, wkv_a, kva, xb, scratch)         # [n, q_lora], [n, L + rope]
+        matmul_kernel(tq_a, wq_a, xb, qa, scratch)                       # [n, q_lora]
         ops.rmsnorm(qa, q_a_norm, eps, qa_n)
         matmul_kernel(tq_b, wq_b, qa_n, q, scratch)                      # [n, nh·(nope+rope)]
     else:
-        matmul2(tq, wq, q, tkv_a, wkv_a, kva, xb, scratch)              # [n, nh·(nope+rope)], [n, L + rope]
+        matmul_kernel(tq, wq, xb, q, scratch)
+    matmul_kernel(tkv_a, wkv_a, xb, kva, scratch)                        # [n, L + rope]
     # cache (f16): normed latent ‖ rotated rope key at p0..p0+n-1
     ops.rmsnorm(kva[:, :L_], kv_a_norm, eps, kva[:, :L_])
     kva3 = kva.reshape((n, 1, width))
@@ -443,7 +444,9 @@ def _swiglu_ffn(xb, out, gate_flat, up_flat, scratch, wg, tg, wu, tu, wd, td):
     ff = wg.shape[0]
     gate = gate_flat[:n * ff].reshape((n, ff))
     up = up_flat[:n * ff].reshape((n, ff))
-    ops.swiglu_ffn_in(tg, wg, gate, tu, wu, up, xb, gate, scratch)       # [n, ff]
+    matmul_kernel(tg, wg, xb, gate, scratch)                             # [n, ff]
+    matmul_kernel(tu, wu, xb, up, scratch)
+    ops.swiglu(gate, up, gate)
     matmul_kernel(td, wd, gate, out, scratch)                            # [n, d]
 
 

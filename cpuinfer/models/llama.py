@@ -15,7 +15,7 @@ from ..gguf import GGUFFile
 from ..kvcache import KVCache
 from ..weights import QTensor, TensorLoader, matmul_scratch
 from quant.jit import kernel
-from quant.kernels import matmul3, matmul_kernel
+from quant.kernels import matmul_kernel
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,9 @@ def _layer(n, p0, li, eps, scale, neox, nh, nkv,
         ops.rmsnorm_serial(x, attn_norm, eps, xb)                       # [n, d]
     else:
         ops.rmsnorm(x, attn_norm, eps, xb)
-    matmul3(tq, wq, q, tk, wk, k, tv, wv, v, xb, scratch)              # [n, nh·hd], 2 × [n, nkv·hd]
+    matmul_kernel(tq, wq, xb, q, scratch)                               # [n, nh·hd]
+    matmul_kernel(tk, wk, xb, k, scratch)                               # [n, nkv·hd]
+    matmul_kernel(tv, wv, xb, v, scratch)                               # [n, nkv·hd]
     if bq.shape[0]:
         ops.add_rows(q, bq)
     if bk.shape[0]:
@@ -216,7 +218,12 @@ def _layer(n, p0, li, eps, scale, neox, nh, nkv,
         ops.rmsnorm_serial(x, ffn_norm, eps, xb)
     else:
         ops.rmsnorm(x, ffn_norm, eps, xb)
-    ops.swiglu_ffn_in(tg, w_gate, gate, tu, w_up, up, xb, hidden, scratch)  # [n, ff]
+    matmul_kernel(tg, w_gate, xb, gate, scratch)                        # [n, ff]
+    matmul_kernel(tu, w_up, xb, up, scratch)                            # [n, ff]
+    if one:
+        ops.swiglu_serial(gate, up, hidden)
+    else:
+        ops.swiglu(gate, up, hidden)
     matmul_kernel(td, w_down, hidden, xo, scratch)                      # [n, d]
     ops.add_into(x, xo)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from quant.jit import kernel
-from quant.kernels import matmul3, matmul_kernel
+from quant.kernels import matmul_kernel
 
 from .. import ops
 from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
@@ -157,7 +157,9 @@ def _layer(n, p0, li, eps, scale, neox, nh, nkv,
     q, k, v, att = q_all[:n], k_all[:n], v_all[:n], att_all[:n]
     hd = q_norm.shape[0]
     ops.rmsnorm(x, attn_norm, eps, xb)                                  # [n, d]
-    matmul3(tq, wq, q, tk, wk, k, tv, wv, v, xb, scratch)              # [n, nh·hd], 2 × [n, nkv·hd]
+    matmul_kernel(tq, wq, xb, q, scratch)                               # [n, nh·hd]
+    matmul_kernel(tk, wk, xb, k, scratch)                               # [n, nkv·hd]
+    matmul_kernel(tv, wv, xb, v, scratch)                               # [n, nkv·hd]
     qh_, kh_ = q.reshape((n * nh, hd)), k.reshape((n * nkv, hd))
     ops.rmsnorm(qh_, q_norm, eps, qh_)                                  # per-head q/k norms
     ops.rmsnorm(kh_, k_norm, eps, kh_)

@@ -124,6 +124,11 @@ class _Layout(NamedTuple):
         """The group-block chunk that holds rest chunk ``source``."""
         return self.order.index(source) if self.order else source
 
+    def chunk_offset(self, source: int) -> int:
+        """Byte offset in a group block of the chunk holding rest chunk ``source`` (after the
+        ``n_half`` f16 fields of the 8 rows, 16 bytes each)."""
+        return 16 * self.n_half + 32 * self.chunk_at(source)
+
 
 # Q6_K in the order its kernel reads: the 16 scales, then per half n and r = 0, 1 the ql chunks
 # 16n + 4r .. (+ 3), 16n + 8 + 4r .., qh chunks 32 + 8n + 4r .. (see _Q6KTile)
@@ -246,19 +251,19 @@ def pack(raw: np.ndarray, base, out: np.ndarray | None = None) -> np.ndarray:
 # --- row lookup ------------------------------------------------------------------------------
 
 def _chunk_positions(base) -> np.ndarray:
-    """Where each rest chunk of ``base`` is stored in its group block (for :func:`_rest_byte`)."""
+    """Byte offset in its group block of each rest chunk of ``base`` (for :func:`_rest_byte`)."""
     layout = _LAYOUTS[base]
-    return np.array([layout.chunk_at(c) for c in range(layout.rest // 4)], np.int64)
+    return np.array([layout.chunk_offset(c) for c in range(layout.rest // 4)], np.int64)
 
 
 _Q2_K_AT, _Q3_K_AT, _Q6_K_AT = (_chunk_positions(b) for b in (_Q2_K, _Q3_K, _Q6_K))
 
 
 @kernel
-def _rest_byte(grp, o, i, r, chunk_at, head=16):
-    """Byte ``r`` of the rest (the bytes after the ``head`` bytes of f16 fields) of row ``i``'s
-    block at byte ``o`` of a group whose rest chunk ``c`` is stored at ``chunk_at[c]``."""
-    return np.int32(grp[o + head + 32 * chunk_at[r // 4] + 4 * i + r % 4])
+def _rest_byte(grp, o, i, r, chunk_offset):
+    """Byte ``r`` of the rest (the bytes after the f16 fields) of row ``i``'s block at byte
+    ``o`` of a group whose rest chunk ``c`` starts at byte ``chunk_offset[c]``."""
+    return np.int32(grp[o + chunk_offset[r // 4] + 4 * i + r % 4])
 
 
 @kernel
@@ -300,12 +305,12 @@ def dequant_row_x8(qtype, w, r, out):
             for n in range(2):
                 for j in range(4):
                     for h in range(2):
-                        sc = _rest_byte(grp, o, i, 8 * n + 2 * j + h, _Q2_K_AT, 32)
+                        sc = _rest_byte(grp, o, i, 8 * n + 2 * j + h, _Q2_K_AT)
                         dl = d * np.float32(sc & 0xF)
                         ml = dmin * np.float32(sc >> 4)
                         y = out[b * QK_K + 128 * n + 32 * j + 16 * h:]
                         for l in range(16):
-                            q = (_rest_byte(grp, o, i, 16 + 32 * n + 16 * h + l, _Q2_K_AT, 32)
+                            q = (_rest_byte(grp, o, i, 16 + 32 * n + 16 * h + l, _Q2_K_AT)
                                  >> (2 * j)) & 3
                             y[l] = dl * np.float32(q) - ml
         return
@@ -537,8 +542,7 @@ class _KTile:
 
     @classmethod
     def chunk(cls, builder, g_ptr, at, c, vtype=_V32I8):
-        layout = _LAYOUTS[cls.base]
-        off = 16 * layout.n_half + 32 * layout.chunk_at(c)
+        off = _LAYOUTS[cls.base].chunk_offset(c)
         return _load(builder, g_ptr, builder.add(at, ir.Constant(at.type, off)), vtype)
 
 

@@ -83,6 +83,21 @@ def test_bench_markdown_and_json_from_one_run(capsys, tmp_path, monkeypatch):
     assert cells[3] == f"{rec['tg_tps']:.1f}" and cells[4] == f"{rec['pp_tps']:.1f}"
 
 
+def test_compile_time_reports_wall_time_and_functions(capsys):
+    """tools.compile_time: one header line (wall time, functions compiled), then at most --top
+    lines of seconds and a name; a missing file is one error line and exit 1."""
+    import re
+    from tools import compile_time
+    assert compile_time.main([str(FILES[0]), "--top", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(rf"{re.escape(str(FILES[0]))}: load \+ first logits [0-9.]+ s, \d+ functions compiled",
+                        lines[0])
+    assert len(lines) <= 4 and all(re.fullmatch(r"\s+[0-9.]+ s  \S+", ln) for ln in lines[1:])
+    assert compile_time.main(["/nonexistent/missing.gguf"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "missing.gguf" in err[0]
+
+
 def test_token_profile_splits_a_dense_token_and_refuses_moe(capsys):
     """tools.token_profile: every matrix role and the output head listed with their bytes'
     GB/s, the matmul pass no longer than what it adds up to; MoE files get one error line."""

@@ -213,7 +213,7 @@ def _one_token_experts(x, out, ids, weights, q_gate, w_gate, q_up, w_up, q_down,
     ge, ue, ye = gs[:m], us[:m], ys[:m]
     qk.matvec_stack(q_gate, w_gate, sel, x, ge, scratch)
     qk.matvec_stack(q_up, w_up, sel, x, ue, scratch)
-    ops.swiglu_serial(ge, ue, ge)
+    ops.swiglu_serial(ge, ue, 0, ge)
     qk.matvec_stack(q_down, w_down, sel, ge, ye, scratch)
     for i in range(m):
         for j in range(out.shape[1]):
@@ -266,7 +266,7 @@ def _moe_ffn(x, out, logits, bias, gating, n_group, n_group_used, norm_w, w_scal
         xe, ge, ue, ye = xs[:c], gs[:c], us[:c], ys[:c]
         qk.matmul_kernel(q_gate, w_gate[e], xe, ge, scratch)
         qk.matmul_kernel(q_up, w_up[e], xe, ue, scratch)
-        ops.swiglu(ge, ue, ge)
+        ops.swiglu(ge, ue, 0, ge)
         qk.matmul_kernel(q_down, w_down[e], ge, ye, scratch)
         for i in range(c):
             slot = order[s0 + i]

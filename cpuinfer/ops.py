@@ -180,17 +180,21 @@ def _swiglu_row(gate, up, out):
 
 
 @fast_parallel_kernel
-def swiglu(gate, up, out):
-    """out = silu(gate) * up, elementwise over [n, ff] (tokens in parallel)."""
-    for t in prange(gate.shape[0]):
-        _swiglu_row(gate[t], up[t], out[t])
+def swiglu(gate, up, u0, out):
+    """out[t, i] = silu(gate[t, i]) * up[t, u0 + i] over out [n, ff] (tokens in parallel).
+    ``u0`` = 0 for separate gate and up arrays; ``gate`` = ``up`` = [n, 2·ff] and ``u0`` = ff
+    for the two halves of one joint gate ‖ up product (:func:`cpuinfer.blocks.swiglu_ffn`)."""
+    ff = out.shape[1]
+    for t in prange(out.shape[0]):
+        _swiglu_row(gate[t, :ff], up[t, u0:u0 + ff], out[t])
 
 
 @fast_kernel
-def swiglu_serial(gate, up, out):
+def swiglu_serial(gate, up, u0, out):
     """:func:`swiglu` on the calling thread (for one token; same results)."""
-    for t in range(gate.shape[0]):
-        _swiglu_row(gate[t], up[t], out[t])
+    ff = out.shape[1]
+    for t in range(out.shape[0]):
+        _swiglu_row(gate[t, :ff], up[t, u0:u0 + ff], out[t])
 
 
 @kernel

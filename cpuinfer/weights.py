@@ -111,6 +111,34 @@ class TensorLoader:
             self.placement.replace(info.name, packed)
         return QTensor(info.name, packed, info.ggml_type, rows, cols, int(qtype))
 
+    def joined(self, names: tuple[str, ...], rows: tuple[int, ...],
+               cols: int) -> tuple[QTensor | None, tuple[QTensor, ...]]:
+        """Matrices that multiply the same input (q/k/v; gate/up) as ``(whole, parts)``: when
+        they share a type that repacks (and repacking is on, with no NUMA placement), their
+        interleaved rows are packed into one buffer, in order, so one product over ``whole``
+        gives all of their outputs side by side (one parallel region instead of one per matrix;
+        the copy costs nothing beyond the repacking's) and each part is a row-slice view of it.
+        Otherwise ``whole`` is None and the parts are loaded as :meth:`matrix` loads them."""
+        infos = [self._info(nm, (r, cols)) for nm, r in zip(names, rows)]
+        kinds = {info.ggml_type for info in infos}
+        if (len(infos) < 2 or len(kinds) != 1 or not self.repack or self.placement is not None
+                or not all(quant.can_pack(info.ggml_type, r) for info, r in zip(infos, rows))):
+            return None, tuple(self._tensor(info, r, cols, True) for info, r in zip(infos, rows))
+        raws = [self.gguf.raw(info) for info in infos]
+        if len({raw.shape[-1] for raw in raws}) != 1:
+            raise CpuinferError(f"{self.path}: tensors {', '.join(names)} have different row sizes")
+        ggml_type = infos[0].ggml_type
+        out = np.empty((sum(rows), raws[0].shape[-1]), np.uint8)
+        edges = np.cumsum((0,) + tuple(rows))
+        for raw, a, b in zip(raws, edges[:-1], edges[1:]):
+            _, qtype = quant.pack(raw, ggml_type, out=out[a:b])
+            _unmap(raw)
+        out.flags.writeable = False
+        parts = tuple(QTensor(info.name, out[a:b], ggml_type, r, cols, int(qtype))
+                      for info, r, a, b in zip(infos, rows, edges[:-1], edges[1:]))
+        whole = QTensor("+".join(names), out, ggml_type, int(edges[-1]), cols, int(qtype))
+        return whole, parts
+
     def vector(self, name: str, n: int) -> np.ndarray:
         """A small 1-D float tensor (norm weight, bias) as float32: a view when stored as F32."""
         info = self._info(name, (n,))

@@ -104,8 +104,10 @@ def test_token_profile_splits_a_dense_token_and_refuses_moe(capsys):
     from tools import token_profile
     assert token_profile.main([str(TINY / "qwen2" / "qwen2-Q4_K_M.gguf"), "--tokens", "4"]) == 0
     out = capsys.readouterr().out
-    for role in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "output"):
+    # joined at load: q/k/v (not where attn_v is Q6_K) and gate/up multiply as one matrix each
+    for role in ("wqkv", "wq", "wk", "wv", "wo", "w_gate_up", "w_down", "output"):
         assert f"  {role} " in out
+    assert "  w_gate " not in out
     total = float(out.split("matmuls alone")[1].split("ms")[0])
     parts = [float(line.split()[1]) for line in out.splitlines() if line.startswith("  ")]
     assert abs(sum(parts) - total) <= 0.05 * (len(parts) + 1) and "rest of token" in out

@@ -3,6 +3,7 @@ Hugging Face logits for F32 files, llama.cpp's logits for quantized files, and l
 tokenization, logits and greedy text for the bundled SmolLM2."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import cpuinfer
 import quant
 from cpuinfer.errors import CpuinferError
+from cpuinfer.weights import QTensor, TensorLoader
 from deepseek_helpers import kl_top1
 
 DATA = Path(__file__).parent / "data"
@@ -109,6 +111,53 @@ def test_seeded_sampling_is_reproducible():
     assert run(1) != run(2)
 
 
+def _separate(self, names, rows, cols):
+    """TensorLoader.joined that never joins (each matrix repacked on its own)."""
+    return None, tuple(self.matrix(nm, r, cols) for nm, r in zip(names, rows))
+
+
+def _joints(obj) -> list[tuple[QTensor, tuple[QTensor, ...]]]:
+    """(joint matrix, the matrices of its rows) for every joint in a layer, nested parts too."""
+    found, mats = [], []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, QTensor):
+            mats.append(v)
+        elif dataclasses.is_dataclass(v):
+            found += _joints(v)
+    for j in (m for m in mats if "+" in m.name):
+        found.append((j, tuple(m for m in mats if m.name in j.name.split("+"))))
+    return found
+
+
+@pytest.mark.parametrize("arch,qtype", [("llama", "Q4_K_M"), ("qwen2", "Q8_0"),
+                                        ("qwen3moe", "Q4_K_M"), ("deepseek3", "Q4_0")])
+def test_joined_projections_give_the_same_bits(arch, qtype, monkeypatch):
+    """Matrices that read the same input (q/k/v, gate/up, MLA's q_a/kv_a) joined at load into
+    one product give exactly the logits of one product per matrix, prompt and decode; the parts
+    are views of the joint copy; Q4_K_M's Q6_K attn_v layers stay separate."""
+    path, ids = TINY / arch / f"{arch}-{qtype}.gguf", ids_of(arch)[:12]
+
+    def run(m):
+        s = m.new_session()
+        return np.concatenate([s.eval(ids[:8], all_logits=True)] +
+                              [s.eval([t], all_logits=True) for t in ids[8:]])
+    joined = cpuinfer.load(path)
+    joints = [_joints(L) for L in joined.family.weights.layers]
+    assert any(joints) and (qtype == "Q4_K_M") == (len({len(j) for j in joints}) > 1)
+    for j, parts in (p for layer in joints for p in layer):
+        assert len(parts) in (2, 3) and all(np.shares_memory(p.raw, j.raw) for p in parts)
+        assert j.nbytes == sum(p.nbytes for p in parts) and j.rows == sum(p.rows for p in parts)
+    got = run(joined)
+    monkeypatch.setattr(TensorLoader, "joined", _separate)
+    separate = cpuinfer.load(path)
+    assert not any(_joints(L) for L in separate.family.weights.layers)
+    assert separate.weight_bytes_per_token == joined.weight_bytes_per_token
+    np.testing.assert_array_equal(got, run(separate))
+    monkeypatch.undo()
+    assert not any(_joints(L) for L in cpuinfer.load(path, repack=False).family.weights.layers)
+
+
 def _rss_kb() -> dict[str, int]:
     fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -138,9 +187,10 @@ def test_repacked_load_holds_the_weights_once(smollm2_path):
     m = cpuinfer.load(smollm2_path)
     after = _rss_kb()
     size = os.path.getsize(smollm2_path)
-    wq = m.family.weights.layers[0].wq
-    assert wq.qtype == quant.PackedType.Q4_1_X8 and wq.raw.flags.owndata
-    assert not wq.raw.flags.writeable
+    layer = m.family.weights.layers[0]
+    wq = layer.wq              # a row slice of the joint q ‖ k ‖ v copy
+    assert wq.qtype == quant.PackedType.Q4_1_X8 and wq.raw.base is layer.wqkv.raw
+    assert layer.wqkv.raw.flags.owndata and not wq.raw.flags.writeable
     # the Q4_1 matrices (and the tied Q8_0 embedding) now live in anonymous memory ...
     assert 0.7 * size < after["RssAnon"] - before["RssAnon"] < 1.3 * size
     # ... and this process's mapped pages of them were dropped after the copy

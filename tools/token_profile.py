@@ -13,7 +13,6 @@ embedding) plus whatever the host's load moved between the two measurements — 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 
@@ -29,12 +28,10 @@ from tools.bench import _prompt_ids
 
 
 def _matrices(weights: llama.Weights) -> tuple[list[str], list[QTensor]]:
-    """(role per matrix, matrices) in the forward's order: per layer its QTensor fields, then
-    the output head."""
-    roles = [f.name for f in dataclasses.fields(llama.Layer)
-             if isinstance(getattr(weights.layers[0], f.name), QTensor)]
-    mats = [getattr(layer, r) for layer in weights.layers for r in roles]
-    return roles + ["output"], mats + [weights.output]
+    """(role of each product, its matrix) in the forward's order: per layer its products (q/k/v
+    and gate/up as one each where the loader joined them), then the output head."""
+    pairs = [p for layer in weights.layers for p in layer.products()] + [("output", weights.output)]
+    return [r for r, _ in pairs], [m for _, m in pairs]
 
 
 def _token_ms(model, n_tokens: int) -> tuple[float, float]:
@@ -86,16 +83,16 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     total = sum(m.nbytes for m in mats)
-    n_roles = len(roles) - 1
     print(f"{args.model}, {args.threads} thread(s), read bandwidth {read:.1f} GB/s")
     print(f"whole token   {token:7.1f} ms  {total / token / 1e6:5.1f} GB/s of weights "
           f"(best; median {median:.1f} ms)")
     print(f"matmuls alone {per.sum():7.1f} ms  {total / per.sum() / 1e6:5.1f} GB/s")
-    for r, role in enumerate(roles):
-        ms = per[-1] if role == "output" else per[:-1].reshape(-1, n_roles)[:, r].sum()
-        b = mats[-1].nbytes if role == "output" else sum(m.nbytes for m in mats[r:-1:n_roles])
-        m = mats[-1] if role == "output" else mats[r]
-        print(f"  {role:7s} {ms:7.1f} ms  {b / ms / 1e6:5.1f} GB/s  {m.rows} x {m.cols}")
+    for role in dict.fromkeys(roles):
+        mine = [i for i, r in enumerate(roles) if r == role]
+        ms = per[mine].sum()
+        b = sum(mats[i].nbytes for i in mine)
+        m = mats[mine[0]]
+        print(f"  {role:9s} {ms:7.1f} ms  {b / ms / 1e6:5.1f} GB/s  {m.rows} x {m.cols}")
     print(f"rest of token {token - per.sum():7.1f} ms  ({(token - per.sum()) / token:.0%})")
     return 0
 

@@ -37,6 +37,7 @@ from quant.jit import kernel, parallel_kernel
 from quant.kernels import matmul_kernel
 
 from .. import ops
+from ..blocks import joint_args, matmul2, swiglu_ffn
 from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
 from ..errors import CpuinferError
 from ..gguf import GGUFFile
@@ -181,6 +182,7 @@ class Ffn:
     gate: QTensor
     up: QTensor
     down: QTensor
+    gate_up: QTensor | None = None     # gate ‖ up when joined at load (:mod:`cpuinfer.blocks`)
 
 
 @dataclass(frozen=True)
@@ -199,11 +201,12 @@ class Layer:
     ffn: Ffn | None                    # dense FFN (leading blocks)
     moe: MoeWeights | None             # routed experts (other blocks)
     shexp: Ffn | None                  # shared experts
+    w_in: QTensor | None = None        # (wq_a or wq) ‖ wkv_a when joined at load: both read norm(x)
 
 
 def _ffn(t: TensorLoader, gate: Tn, up: Tn, down: Tn, i: int, ff: int, d: int) -> Ffn:
-    return Ffn(t.matrix(tensor_name(gate, i), ff, d), t.matrix(tensor_name(up, i), ff, d),
-               t.matrix(tensor_name(down, i), d, ff))
+    gate_up, (g, u) = t.joined((tensor_name(gate, i), tensor_name(up, i)), (ff, ff), d)
+    return Ffn(g, u, t.matrix(tensor_name(down, i), d, ff), gate_up)
 
 
 @dataclass(frozen=True)
@@ -237,19 +240,23 @@ class Weights:
                     down=t.stacked(name(Tn.FFN_DOWN_EXPS), ne, d, m.n_ff))
                 if c.n_ff_shexp:
                     shexp = _ffn(t, Tn.FFN_GATE_SHEXP, Tn.FFN_UP_SHEXP, Tn.FFN_DOWN_SHEXP, i, c.n_ff_shexp, d)
+            # the two products of norm(x): q's (its LoRA down-projection, or q itself) and kv's
+            q_in, q_rows = (Tn.ATTN_Q_A, c.q_lora) if lora else (Tn.ATTN_Q, nh * hk)
+            w_in, (wq_in, wkv_a) = t.joined((name(q_in), name(Tn.ATTN_KV_A_MQA)),
+                                            (q_rows, c.kv_width), d)
             layers.append(Layer(
                 attn_norm=t.vector(name(Tn.ATTN_NORM), d),
-                wq_a=t.matrix(name(Tn.ATTN_Q_A), c.q_lora, d) if lora else None,
+                wq_a=wq_in if lora else None,
                 q_a_norm=t.vector(name(Tn.ATTN_Q_A_NORM), c.q_lora) if lora else None,
                 wq_b=t.matrix(name(Tn.ATTN_Q_B), nh * hk, c.q_lora) if lora else None,
-                wq=None if lora else t.matrix(name(Tn.ATTN_Q), nh * hk, d),
-                wkv_a=t.matrix(name(Tn.ATTN_KV_A_MQA), c.kv_width, d),
+                wq=None if lora else wq_in,
+                wkv_a=wkv_a,
                 kv_a_norm=t.vector(name(Tn.ATTN_KV_A_NORM), c.kv_lora),
                 wk_b=t.stacked(name(Tn.ATTN_K_B), nh, c.kv_lora, c.nope),
                 wv_b=t.stacked(name(Tn.ATTN_V_B), nh, c.v_dim, c.kv_lora),
                 wo=t.matrix(name(Tn.ATTN_OUT), d, nh * c.v_dim),
                 ffn_norm=t.vector(name(Tn.FFN_NORM), d),
-                ffn=ffn, moe=moe, shexp=shexp))
+                ffn=ffn, moe=moe, shexp=shexp, w_in=w_in))
         embd, output = t.embeddings_and_output(tensor_name(Tn.TOKEN_EMBD), tensor_name(Tn.OUTPUT),
                                                c.n_vocab, d)
         return cls(embd, tuple(layers), t.vector(tensor_name(Tn.OUTPUT_NORM), d), output, c.moe.n_used,
@@ -296,8 +303,8 @@ class State:
         self.hbuf_in = np.zeros(max(n_batch, nh) * max(c.nope, c.kv_lora), f32)
         self.hbuf_out = np.zeros(max(n_batch, nh) * max(c.kv_lora, c.v_dim), f32)
         self.head_scratch = matmul_scratch(nh, max(c.nope, c.kv_lora))
-        self.gate = np.zeros(n_batch * ff, f32)                   # dense / shared FFN (flat)
-        self.up = np.zeros(n_batch * ff, f32)
+        self.ffn = np.zeros(3 * n_batch * ff, f32)        # dense / shared FFN: gate, up, hidden (flat)
+        self.q_in = np.zeros(n_batch * (max(c.q_lora, nh * hk) + c.kv_width), f32)  # joint product
         self.logits = np.zeros((1, c.n_vocab), f32)
         # quantized activations of every mat-mul, the per-head k_b / v_b ones included
         self.scratch = matmul_scratch(n_batch, max(c.d_model, c.q_lora, nh * hk, nh * c.v_dim, c.kv_lora, ff))
@@ -369,7 +376,7 @@ def _m(t: QTensor | None):
 
 
 def _ffn_inputs(f: Ffn | None) -> tuple:
-    return (*_m(f and f.gate), *_m(f and f.up), *_m(f and f.down))
+    return (*joint_args(f and f.gate_up), *_m(f and f.gate), *_m(f and f.up), *_m(f and f.down))
 
 
 def _layer_inputs(L: Layer) -> tuple:
@@ -377,8 +384,8 @@ def _layer_inputs(L: Layer) -> tuple:
     :func:`_dense_block` / :func:`_moe_block`: raw blocks + type codes, norms, placeholders for
     absent parts."""
     has_qa = L.wq is None
-    attn = (L.attn_norm, has_qa, *_m(L.wq_a), L.q_a_norm if has_qa else _NO_VEC, *_m(L.wq_b),
-            *_m(L.wq), *_m(L.wkv_a), L.kv_a_norm, *_m(L.wk_b), *_m(L.wv_b), *_m(L.wo))
+    attn = (L.attn_norm, has_qa, *joint_args(L.w_in), *_m(L.wq_a), L.q_a_norm if has_qa else _NO_VEC,
+            *_m(L.wq_b), *_m(L.wq), *_m(L.wkv_a), L.kv_a_norm, *_m(L.wk_b), *_m(L.wv_b), *_m(L.wo))
     if L.moe is None:
         return attn, False, (L.ffn_norm, *_ffn_inputs(L.ffn))
     return attn, True, (L.ffn_norm, L.moe.kernel_args(), L.shexp is not None,
@@ -398,8 +405,9 @@ def _heads(qtype, w, src, dst, hbuf_in, hbuf_out, head_scratch, scratch):
 @kernel
 def _mla_block(n, p0, li, eps, kq_scale, neox, nh, nope,
                x_all, xb_all, xo_all, q_all, qa_all, qa_n_all, kva_all, q_mqa_all, o_lat_all,
-               att_all, hbuf_in, hbuf_out, head_scratch, scratch, kv_all, scores, qh, cos, sin,
-               attn_norm, has_qa, wq_a, tq_a, q_a_norm, wq_b, tq_b, wq, tq, wkv_a, tkv_a,
+               att_all, q_in_flat, hbuf_in, hbuf_out, head_scratch, scratch, kv_all, scores, qh,
+               cos, sin, attn_norm, has_qa, w_in, t_in, wq_a, tq_a, q_a_norm, wq_b, tq_b, wq, tq,
+               wkv_a, tkv_a,
                kv_a_norm, wk_b, tk_b, wv_b, tv_b, wo, to):
     """MLA attention of one layer for tokens 0..n-1 at positions p0.. (module docstring), in one
     compiled call: x += attn_output(MLA(norm(x)))."""
@@ -412,12 +420,11 @@ def _mla_block(n, p0, li, eps, kq_scale, neox, nh, nope,
     ops.rmsnorm(x, attn_norm, eps, xb)
     if has_qa:
         qa, qa_n = qa_all[:n], qa_n_all[:n]
-        matmul_kernel(tq_a, wq_a, xb, qa, scratch)                       # [n, q_lora]
+        matmul2(xb, scratch, q_in_flat, w_in, t_in, qa, wq_a, tq_a, kva, wkv_a, tkv_a)  # [n, q_lora], [n, L + rope]
         ops.rmsnorm(qa, q_a_norm, eps, qa_n)
         matmul_kernel(tq_b, wq_b, qa_n, q, scratch)                      # [n, nh·(nope+rope)]
     else:
-        matmul_kernel(tq, wq, xb, q, scratch)
-    matmul_kernel(tkv_a, wkv_a, xb, kva, scratch)                        # [n, L + rope]
+        matmul2(xb, scratch, q_in_flat, w_in, t_in, q, wq, tq, kva, wkv_a, tkv_a)
     # cache (f16): normed latent ‖ rotated rope key at p0..p0+n-1
     ops.rmsnorm(kva[:, :L_], kv_a_norm, eps, kva[:, :L_])
     kva3 = kva.reshape((n, 1, width))
@@ -438,38 +445,25 @@ def _mla_block(n, p0, li, eps, kq_scale, neox, nh, nope,
 
 
 @kernel
-def _swiglu_ffn(xb, out, gate_flat, up_flat, scratch, wg, tg, wu, tu, wd, td):
-    """out = W_down · (silu(xb·W_gateᵀ) ⊙ xb·W_upᵀ) (dense or shared-expert SwiGLU)."""
-    n = xb.shape[0]
-    ff = wg.shape[0]
-    gate = gate_flat[:n * ff].reshape((n, ff))
-    up = up_flat[:n * ff].reshape((n, ff))
-    matmul_kernel(tg, wg, xb, gate, scratch)                             # [n, ff]
-    matmul_kernel(tu, wu, xb, up, scratch)
-    ops.swiglu(gate, up, gate)
-    matmul_kernel(td, wd, gate, out, scratch)                            # [n, d]
-
-
-@kernel
-def _dense_block(n, eps, x_all, xb_all, xo_all, xm_all, gate_flat, up_flat, scratch,
-                 ffn_norm, wg, tg, wu, tu, wd, td):
+def _dense_block(n, eps, x_all, xb_all, xo_all, xm_all, ffn_flat, scratch,
+                 ffn_norm, wgu, tgu, wg, tg, wu, tu, wd, td):
     """x += FFN(norm(x)) for a leading dense block."""
     x, xb, xo = x_all[:n], xb_all[:n], xo_all[:n]
     ops.rmsnorm(x, ffn_norm, eps, xb)
-    _swiglu_ffn(xb, xo, gate_flat, up_flat, scratch, wg, tg, wu, tu, wd, td)
+    swiglu_ffn(xb, xo, ffn_flat, scratch, wgu, tgu, wg, tg, wu, tu, wd, td)
     ops.add_into(x, xo)
 
 
 @kernel
-def _moe_block(n, eps, x_all, xb_all, xo_all, xm_all, gate_flat, up_flat, scratch,
-               ffn_norm, moe_w, has_shexp, wg, tg, wu, tu, wd, td, moe_cfg, moe_bufs):
+def _moe_block(n, eps, x_all, xb_all, xo_all, xm_all, ffn_flat, scratch,
+               ffn_norm, moe_w, has_shexp, wgu, tgu, wg, tg, wu, tu, wd, td, moe_cfg, moe_bufs):
     """x += routed experts(norm(x)) + shared experts(norm(x)) for a MoE block."""
     x, xb, xo, xm = x_all[:n], xb_all[:n], xo_all[:n], xm_all[:n]
     ops.rmsnorm(x, ffn_norm, eps, xb)
     moe_kernel(xb, xm, moe_cfg, moe_w, moe_bufs)                         # [n, d]
     ops.add_into(x, xm)
     if has_shexp:
-        _swiglu_ffn(xb, xo, gate_flat, up_flat, scratch, wg, tg, wu, tu, wd, td)
+        swiglu_ffn(xb, xo, ffn_flat, scratch, wgu, tgu, wg, tg, wu, tu, wd, td)
         ops.add_into(x, xo)
 
 
@@ -482,11 +476,11 @@ def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: i
     neox = c.rope_type is RopeType.NEOX
     moe_cfg = c.moe.kernel_args()
     moe_bufs = s.moe.kernel_args() if s.moe is not None else None
-    acts = (s.x, s.xb, s.xo, s.xm, s.gate, s.up, s.scratch)
+    acts = (s.x, s.xb, s.xo, s.xm, s.ffn, s.scratch)
     w.token_embd.get_rows(s.tokens[:n], s.x[:n])
     for li, (attn, is_moe, ffn) in enumerate(w.layer_args):
         _mla_block(n, p0, li, c.rms_eps, c.kq_scale, neox, c.n_head, c.nope,
-                   s.x, s.xb, s.xo, s.q, s.qa, s.qa_n, s.kva, s.q_mqa, s.o_lat, s.att,
+                   s.x, s.xb, s.xo, s.q, s.qa, s.qa_n, s.kva, s.q_mqa, s.o_lat, s.att, s.q_in,
                    s.hbuf_in, s.hbuf_out, s.head_scratch, s.scratch, kv.kv, kv.scores, kv.qh,
                    cos, sin, *attn)
         if is_moe:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import ops
+from ..blocks import joint_args, matmul3, swiglu_ffn
 from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
 from ..errors import CpuinferError
 from ..gguf import GGUFFile
@@ -86,6 +87,16 @@ class Layer:
     w_gate: QTensor                  # [ff, d]
     w_up: QTensor                    # [ff, d]
     w_down: QTensor                  # [d, ff]
+    wqkv: QTensor | None = None      # [(n_head + 2·n_kv)·hd, d]: wq ‖ wk ‖ wv when joined at load
+    w_gate_up: QTensor | None = None  # [2·ff, d]: w_gate ‖ w_up when joined at load
+
+    def products(self) -> tuple[tuple[str, QTensor], ...]:
+        """(role, matrix) of the products the forward runs, in its order."""
+        qkv = ((("wqkv", self.wqkv),) if self.wqkv is not None
+               else (("wq", self.wq), ("wk", self.wk), ("wv", self.wv)))
+        ffn = ((("w_gate_up", self.w_gate_up),) if self.w_gate_up is not None
+               else (("w_gate", self.w_gate), ("w_up", self.w_up)))
+        return (*qkv, ("wo", self.wo), *ffn, ("w_down", self.w_down))
 
 
 @dataclass(frozen=True)
@@ -104,19 +115,20 @@ class Weights:
         for i in range(c.n_layer):
             def name(tn, suffix="weight"):
                 return tensor_name(tn, i, suffix)
+            wqkv, (wq, wk, wv) = t.joined((name(Tn.ATTN_Q), name(Tn.ATTN_K), name(Tn.ATTN_V)),
+                                          (q_dim, kv_dim, kv_dim), d)
+            w_gate_up, (w_gate, w_up) = t.joined((name(Tn.FFN_GATE), name(Tn.FFN_UP)),
+                                                 (c.n_ff, c.n_ff), d)
             layers.append(Layer(
-                attn_norm=t.vector(name(Tn.ATTN_NORM), d),
-                wq=t.matrix(name(Tn.ATTN_Q), q_dim, d),
-                wk=t.matrix(name(Tn.ATTN_K), kv_dim, d),
-                wv=t.matrix(name(Tn.ATTN_V), kv_dim, d),
+                attn_norm=t.vector(name(Tn.ATTN_NORM), d), wq=wq, wk=wk, wv=wv,
                 bq=t.optional_vector(name(Tn.ATTN_Q, "bias"), q_dim),
                 bk=t.optional_vector(name(Tn.ATTN_K, "bias"), kv_dim),
                 bv=t.optional_vector(name(Tn.ATTN_V, "bias"), kv_dim),
                 wo=t.matrix(name(Tn.ATTN_OUT), d, q_dim),
                 ffn_norm=t.vector(name(Tn.FFN_NORM), d),
-                w_gate=t.matrix(name(Tn.FFN_GATE), c.n_ff, d),
-                w_up=t.matrix(name(Tn.FFN_UP), c.n_ff, d),
+                w_gate=w_gate, w_up=w_up,
                 w_down=t.matrix(name(Tn.FFN_DOWN), d, c.n_ff),
+                wqkv=wqkv, w_gate_up=w_gate_up,
             ))
         embd, output = t.embeddings_and_output(tensor_name(Tn.TOKEN_EMBD), tensor_name(Tn.OUTPUT),
                                                c.n_vocab, d)
@@ -145,15 +157,14 @@ class State:
         self.q = np.zeros((n_batch, q_dim), f32)
         self.k = np.zeros((n_batch, kv_dim), f32)
         self.v = np.zeros((n_batch, kv_dim), f32)
+        self.qkv = np.zeros(n_batch * (q_dim + 2 * kv_dim), f32)   # joint q ‖ k ‖ v product (flat)
         self.att = np.zeros((n_batch, q_dim), f32)
-        self.gate = np.zeros((n_batch, c.n_ff), f32)
-        self.up = np.zeros((n_batch, c.n_ff), f32)
-        self.hidden = np.zeros((n_batch, c.n_ff), f32)
+        self.ffn = np.zeros(3 * n_batch * c.n_ff, f32)   # gate, up (or gate ‖ up), hidden (flat)
         self.logits = np.zeros((1, c.n_vocab), f32)         # last token's logits
         self.scratch = matmul_scratch(n_batch, max(c.d_model, q_dim, c.n_ff))  # quantized activations
         # what every layer call gets, in _layer's order (built once: no per-token tuple work)
-        self.buffers = (self.x, self.xb, self.xo, self.q, self.k, self.v, self.att, self.gate,
-                        self.up, self.hidden, self.scratch)
+        self.buffers = (self.x, self.xb, self.xo, self.q, self.k, self.v, self.qkv, self.att,
+                        self.ffn, self.scratch)
 
 
 _NO_BIAS = np.zeros(0, np.float32)   # read-only stand-in for an absent bias (never written)
@@ -166,23 +177,23 @@ def _layer_inputs(L: Layer) -> tuple:
     def m(t: QTensor):
         return t.raw, t.qtype
     bias = [b if b is not None else _NO_BIAS for b in (L.bq, L.bk, L.bv)]
-    return (L.attn_norm, *m(L.wq), *m(L.wk), *m(L.wv), *bias, *m(L.wo),
-            L.ffn_norm, *m(L.w_gate), *m(L.w_up), *m(L.w_down))
+    return (L.attn_norm, *joint_args(L.wqkv), *m(L.wq), *m(L.wk), *m(L.wv), *bias, *m(L.wo),
+            L.ffn_norm, *joint_args(L.w_gate_up), *m(L.w_gate), *m(L.w_up), *m(L.w_down))
 
 
 @kernel
 def _layer(n, p0, li, eps, scale, neox, nh, nkv,
-           x_all, xb_all, xo_all, q_all, k_all, v_all, att_all, gate_all, up_all, hidden_all, scratch,
+           x_all, xb_all, xo_all, q_all, k_all, v_all, qkv_flat, att_all, ffn_flat, scratch,
            k_cache, v_cache, scores, qh, cos, sin,
-           attn_norm, wq, tq, wk, tk, wv, tv, bq, bk, bv, wo, to,
-           ffn_norm, w_gate, tg, w_up, tu, w_down, td):
+           attn_norm, wqkv, tqkv, wq, tq, wk, tk, wv, tv, bq, bk, bv, wo, to,
+           ffn_norm, w_gu, tgu, w_gate, tg, w_up, tu, w_down, td):
     """One decoder layer for tokens 0..n-1 of the state buffers at positions p0..p0+n-1, in one
     compiled call (no Python between the kernels). ``w*`` are raw uint8 rows [rows, row_bytes]
-    with their ``int(GGMLType)`` codes ``t*``; ``b*`` are empty when the layer has no bias;
+    with their ``int(GGMLType)`` codes ``t*`` (``wqkv``/``w_gu`` the joint matrices, or empty:
+    :mod:`cpuinfer.blocks`); ``b*`` are empty when the layer has no bias;
     ``k_cache``/``v_cache`` are the whole f16 caches [n_layer, ctx, nkv, hd]."""
     x, xb, xo = x_all[:n], xb_all[:n], xo_all[:n]                       # [n, d]
     q, k, v, att = q_all[:n], k_all[:n], v_all[:n], att_all[:n]
-    gate, up, hidden = gate_all[:n], up_all[:n], hidden_all[:n]         # [n, ff]
     hd = q.shape[1] // nh
     one = n == 1     # one token: the small ops run on this thread (a parallel region costs more)
     # attention: xb = norm(x); q, k, v = xb·Wqᵀ, xb·Wkᵀ, xb·Wvᵀ (+ biases)
@@ -190,9 +201,7 @@ def _layer(n, p0, li, eps, scale, neox, nh, nkv,
         ops.rmsnorm_serial(x, attn_norm, eps, xb)                       # [n, d]
     else:
         ops.rmsnorm(x, attn_norm, eps, xb)
-    matmul_kernel(tq, wq, xb, q, scratch)                               # [n, nh·hd]
-    matmul_kernel(tk, wk, xb, k, scratch)                               # [n, nkv·hd]
-    matmul_kernel(tv, wv, xb, v, scratch)                               # [n, nkv·hd]
+    matmul3(xb, scratch, qkv_flat, wqkv, tqkv, q, wq, tq, k, wk, tk, v, wv, tv)   # [n, (nh+2·nkv)·hd]
     if bq.shape[0]:
         ops.add_rows(q, bq)
     if bk.shape[0]:
@@ -218,13 +227,7 @@ def _layer(n, p0, li, eps, scale, neox, nh, nkv,
         ops.rmsnorm_serial(x, ffn_norm, eps, xb)
     else:
         ops.rmsnorm(x, ffn_norm, eps, xb)
-    matmul_kernel(tg, w_gate, xb, gate, scratch)                        # [n, ff]
-    matmul_kernel(tu, w_up, xb, up, scratch)                            # [n, ff]
-    if one:
-        ops.swiglu_serial(gate, up, hidden)
-    else:
-        ops.swiglu(gate, up, hidden)
-    matmul_kernel(td, w_down, hidden, xo, scratch)                      # [n, d]
+    swiglu_ffn(xb, xo, ffn_flat, scratch, w_gu, tgu, w_gate, tg, w_up, tu, w_down, td)  # [n, d]
     ops.add_into(x, xo)
 
 

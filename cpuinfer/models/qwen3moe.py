@@ -16,6 +16,7 @@ from quant.jit import kernel
 from quant.kernels import matmul_kernel
 
 from .. import ops
+from ..blocks import joint_args, matmul3
 from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
 from ..gguf import GGUFFile
 from ..kvcache import KVCache
@@ -65,6 +66,7 @@ class Layer:
     wo: QTensor                  # [d, n_head·hd]
     ffn_norm: np.ndarray
     moe: MoeWeights
+    wqkv: QTensor | None = None  # wq ‖ wk ‖ wv when joined at load (:mod:`cpuinfer.blocks`)
 
 
 @dataclass(frozen=True)
@@ -86,11 +88,10 @@ class Weights:
             def name(tn, suffix="weight"):
                 return tensor_name(tn, i, suffix)
             bias_name = name(Tn.FFN_EXP_PROBS_B, "bias")
+            wqkv, (wq, wk, wv) = t.joined((name(Tn.ATTN_Q), name(Tn.ATTN_K), name(Tn.ATTN_V)),
+                                          (q_dim, kv_dim, kv_dim), d)
             layers.append(Layer(
-                attn_norm=t.vector(name(Tn.ATTN_NORM), d),
-                wq=t.matrix(name(Tn.ATTN_Q), q_dim, d),
-                wk=t.matrix(name(Tn.ATTN_K), kv_dim, d),
-                wv=t.matrix(name(Tn.ATTN_V), kv_dim, d),
+                attn_norm=t.vector(name(Tn.ATTN_NORM), d), wq=wq, wk=wk, wv=wv, wqkv=wqkv,
                 q_norm=t.vector(name(Tn.ATTN_Q_NORM), hd),
                 k_norm=t.vector(name(Tn.ATTN_K_NORM), hd),
                 wo=t.matrix(name(Tn.ATTN_OUT), d, q_dim),
@@ -132,6 +133,7 @@ class State:
         self.q = np.zeros((n_batch, q_dim), f32)
         self.k = np.zeros((n_batch, kv_dim), f32)
         self.v = np.zeros((n_batch, kv_dim), f32)
+        self.qkv = np.zeros(n_batch * (q_dim + 2 * kv_dim), f32)   # joint q ‖ k ‖ v product (flat)
         self.att = np.zeros((n_batch, q_dim), f32)
         self.logits = np.zeros((1, a.n_vocab), f32)
         self.scratch = matmul_scratch(n_batch, max(a.d_model, q_dim))   # quantized activations
@@ -141,15 +143,15 @@ class State:
 def _layer_inputs(L: Layer) -> tuple:
     def m(t: QTensor):
         return t.raw, t.qtype
-    return (L.attn_norm, *m(L.wq), *m(L.wk), *m(L.wv), L.q_norm, L.k_norm, *m(L.wo), L.ffn_norm,
+    return (L.attn_norm, *joint_args(L.wqkv), *m(L.wq), *m(L.wk), *m(L.wv), L.q_norm, L.k_norm, *m(L.wo), L.ffn_norm,
             L.moe.kernel_args())
 
 
 @kernel
 def _layer(n, p0, li, eps, scale, neox, nh, nkv,
-           x_all, xb_all, xo_all, q_all, k_all, v_all, att_all, scratch,
+           x_all, xb_all, xo_all, q_all, k_all, v_all, qkv_flat, att_all, scratch,
            k_cache, v_cache, scores, qh, cos, sin,
-           attn_norm, wq, tq, wk, tk, wv, tv, q_norm, k_norm, wo, to, ffn_norm, moe_w,
+           attn_norm, wqkv, tqkv, wq, tq, wk, tk, wv, tv, q_norm, k_norm, wo, to, ffn_norm, moe_w,
            moe_cfg, moe_bufs):
     """One decoder layer for tokens 0..n-1 at positions p0..p0+n-1 in one compiled call (as
     :func:`cpuinfer.models.llama._layer`, plus per-head q/k norms and the routed-expert FFN)."""
@@ -157,9 +159,7 @@ def _layer(n, p0, li, eps, scale, neox, nh, nkv,
     q, k, v, att = q_all[:n], k_all[:n], v_all[:n], att_all[:n]
     hd = q_norm.shape[0]
     ops.rmsnorm(x, attn_norm, eps, xb)                                  # [n, d]
-    matmul_kernel(tq, wq, xb, q, scratch)                               # [n, nh·hd]
-    matmul_kernel(tk, wk, xb, k, scratch)                               # [n, nkv·hd]
-    matmul_kernel(tv, wv, xb, v, scratch)                               # [n, nkv·hd]
+    matmul3(xb, scratch, qkv_flat, wqkv, tqkv, q, wq, tq, k, wk, tk, v, wv, tv)   # [n, (nh+2·nkv)·hd]
     qh_, kh_ = q.reshape((n * nh, hd)), k.reshape((n * nkv, hd))
     ops.rmsnorm(qh_, q_norm, eps, qh_)                                  # per-head q/k norms
     ops.rmsnorm(kh_, k_norm, eps, kh_)
@@ -191,7 +191,7 @@ def forward(c: Config, w: Weights, s: State, kv: KVCache, rope_cs, n: int, p0: i
     w.token_embd.get_rows(s.tokens[:n], x)
     for li, args in enumerate(w.layer_args):
         _layer(n, p0, li, a.rms_eps, scale, neox, a.n_head, a.n_head_kv,
-               s.x, s.xb, s.xo, s.q, s.k, s.v, s.att, s.scratch,
+               s.x, s.xb, s.xo, s.q, s.k, s.v, s.qkv, s.att, s.scratch,
                kv.k, kv.v, kv.scores, kv.qh, cos, sin, *args, moe_cfg, moe_bufs)
     m = logits_out.shape[0]
     xl = xb[n - m:]

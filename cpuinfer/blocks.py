@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from quant.jit import kernel
+from quant.jit import inline_kernel, kernel
 from quant.kernels import matmul_kernel
 
 from . import ops
@@ -37,42 +37,38 @@ def _copy_cols(src, c0, dst):
 
 
 @kernel
-def _joint_product(x, scratch, joint_flat, wj, tj):
-    """x·Wjᵀ into ``joint_flat`` viewed as [n, rows of wj]; returns that view."""
+def _pick(i, a, b, c):
+    """a, b or c for i = 0, 1, 2 (arrays of one type: one variable, one call site below)."""
+    if i == 0:
+        return a
+    if i == 1:
+        return b
+    return c
+
+
+@inline_kernel
+def matmul_parts(x, scratch, joint_flat, wj, tj, n_parts, a, wa, ta, b, wb, tb, c, wc, tc):
+    """The first ``n_parts`` (2 or 3) of a, b, c = x·Waᵀ, x·Wbᵀ, x·Wcᵀ for x [n, k]: one
+    product over the joint rows ``wj`` (Wa ‖ Wb ‖ Wc, into ``joint_flat`` viewed as
+    [n, rows], then copied out) when present, else one product per matrix.
+
+    Inlined into the caller, with one ``matmul_kernel`` call site for every product
+    (:data:`quant.jit.inline_kernel`: each compiled function that calls the driver costs seconds
+    of compile time)."""
     n = x.shape[0]
+    joined = wj.shape[0] > 0
     joint = joint_flat[:n * wj.shape[0]].reshape((n, wj.shape[0]))
-    matmul_kernel(tj, wj, x, joint, scratch)
-    return joint
+    for i in range(1 if joined else n_parts):
+        matmul_kernel(tj if joined else _pick(i, ta, tb, tc), wj if joined else _pick(i, wa, wb, wc),
+                      x, joint if joined else _pick(i, a, b, c), scratch)
+    if joined:
+        _copy_cols(joint, 0, a)
+        _copy_cols(joint, a.shape[1], b)
+        if n_parts == 3:
+            _copy_cols(joint, a.shape[1] + b.shape[1], c)
 
 
-@kernel
-def matmul2(x, scratch, joint_flat, wj, tj, a, wa, ta, b, wb, tb):
-    """a, b = x·Waᵀ, x·Wbᵀ for x [n, k]: one product over the joint rows ``wj`` (Wa ‖ Wb,
-    into ``joint_flat``, then copied out) when present, else one product per matrix."""
-    if wj.shape[0] == 0:
-        matmul_kernel(ta, wa, x, a, scratch)
-        matmul_kernel(tb, wb, x, b, scratch)
-        return
-    joint = _joint_product(x, scratch, joint_flat, wj, tj)              # [n, ra + rb]
-    _copy_cols(joint, 0, a)
-    _copy_cols(joint, a.shape[1], b)
-
-
-@kernel
-def matmul3(x, scratch, joint_flat, wj, tj, a, wa, ta, b, wb, tb, c, wc, tc):
-    """a, b, c = x·Waᵀ, x·Wbᵀ, x·Wcᵀ: :func:`matmul2` for three matrices (q, k, v)."""
-    if wj.shape[0] == 0:
-        matmul_kernel(ta, wa, x, a, scratch)
-        matmul_kernel(tb, wb, x, b, scratch)
-        matmul_kernel(tc, wc, x, c, scratch)
-        return
-    joint = _joint_product(x, scratch, joint_flat, wj, tj)              # [n, ra + rb + rc]
-    _copy_cols(joint, 0, a)
-    _copy_cols(joint, a.shape[1], b)
-    _copy_cols(joint, a.shape[1] + b.shape[1], c)
-
-
-@kernel
+@inline_kernel
 def swiglu_ffn(x, out, ffn_flat, scratch, wgu, tgu, wg, tg, wu, tu, wd, td):
     """out = W_down · (silu(x·W_gateᵀ) ⊙ x·W_upᵀ) for x [n, d] (dense or shared-expert FFN).
 
@@ -81,16 +77,16 @@ def swiglu_ffn(x, out, ffn_flat, scratch, wgu, tgu, wg, tg, wu, tu, wd, td):
     n = x.shape[0]
     ff = wg.shape[0]
     hidden = ffn_flat[2 * n * ff:3 * n * ff].reshape((n, ff))
-    if wgu.shape[0]:
-        gate = _joint_product(x, scratch, ffn_flat, wgu, tgu)           # [n, 2·ff]: gate ‖ up
-        up = gate
-        u0 = ff
-    else:
-        gate = ffn_flat[:n * ff].reshape((n, ff))
-        up = ffn_flat[n * ff:2 * n * ff].reshape((n, ff))
+    joined = wgu.shape[0] > 0
+    gate = ffn_flat[:2 * n * ff].reshape((n, 2 * ff))                   # joint: [n, 2·ff] gate ‖ up
+    u0 = ff
+    if not joined:
+        gate = ffn_flat[:n * ff].reshape((n, ff))                       # [n, ff] each
         u0 = 0
-        matmul_kernel(tg, wg, x, gate, scratch)                         # [n, ff]
-        matmul_kernel(tu, wu, x, up, scratch)                           # [n, ff]
+    up = gate if joined else ffn_flat[n * ff:2 * n * ff].reshape((n, ff))
+    for i in range(1 if joined else 2):           # one matmul_kernel call site
+        matmul_kernel(tgu if joined else _pick(i, tg, tu, tu), wgu if joined else _pick(i, wg, wu, wu),
+                      x, gate if i == 0 else up, scratch)
     if n == 1:     # one token: on this thread (a parallel region costs more than the work)
         ops.swiglu_serial(gate, up, u0, hidden)
     else:

@@ -8,6 +8,10 @@ and ``cache=True`` is never forgotten:
   flags that let LLVM vectorize float reductions (results differ from a strict left-to-right sum
   only by rounding; the tests use tolerances).
 * :data:`parallel_kernel` — a driver with ``numba.prange`` loops.
+* :data:`inline_kernel` — a helper inlined into its callers' numba IR, so it is not a function
+  of its own: for small pieces that call the mat-mul drivers. numba links a callee's LLVM module
+  into every compiled function that calls it and optimizes the result again, so each separate
+  function above ``matmul_kernel`` costs seconds of compile time (``tools.compile_time``).
 
 Cache freshness: numba keys a cached function on its own source file only, so a kernel that calls
 compiled code from another module would be loaded stale after that module changed. Functions
@@ -87,6 +91,7 @@ kernel = njit(cache=True, nogil=True)
 fast_kernel = njit(cache=True, nogil=True, fastmath=_FAST)
 parallel_kernel = njit(cache=True, nogil=True, parallel=True)
 fast_parallel_kernel = njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
+inline_kernel = njit(cache=True, nogil=True, inline="always")
 
 
 def _pick_threading_layer() -> str:

@@ -37,7 +37,7 @@ from quant.jit import kernel, parallel_kernel
 from quant.kernels import matmul_kernel
 
 from .. import ops
-from ..blocks import joint_args, matmul2, swiglu_ffn
+from ..blocks import joint_args, matmul_parts, swiglu_ffn
 from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
 from ..errors import CpuinferError
 from ..gguf import GGUFFile
@@ -418,13 +418,14 @@ def _mla_block(n, p0, li, eps, kq_scale, neox, nh, nope,
     width = kva.shape[1]                                                 # L + rope
     hk = q.shape[1] // nh                                                # nope + rope
     ops.rmsnorm(x, attn_norm, eps, xb)
+    # the two products of norm(x): q's LoRA down-projection (or q itself) and kv's
+    q_in = qa_all[:n] if has_qa else q                                   # [n, q_lora] or [n, nh·hk]
+    matmul_parts(xb, scratch, q_in_flat, w_in, t_in, 2, q_in, wq_a if has_qa else wq,
+                 tq_a if has_qa else tq, kva, wkv_a, tkv_a, kva, wkv_a, tkv_a)  # kva: [n, L + rope]
     if has_qa:
-        qa, qa_n = qa_all[:n], qa_n_all[:n]
-        matmul2(xb, scratch, q_in_flat, w_in, t_in, qa, wq_a, tq_a, kva, wkv_a, tkv_a)  # [n, q_lora], [n, L + rope]
-        ops.rmsnorm(qa, q_a_norm, eps, qa_n)
+        qa_n = qa_n_all[:n]
+        ops.rmsnorm(q_in, q_a_norm, eps, qa_n)
         matmul_kernel(tq_b, wq_b, qa_n, q, scratch)                      # [n, nh·(nope+rope)]
-    else:
-        matmul2(xb, scratch, q_in_flat, w_in, t_in, q, wq, tq, kva, wkv_a, tkv_a)
     # cache (f16): normed latent ‖ rotated rope key at p0..p0+n-1
     ops.rmsnorm(kva[:, :L_], kv_a_norm, eps, kva[:, :L_])
     kva3 = kva.reshape((n, 1, width))

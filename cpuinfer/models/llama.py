@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import ops
-from ..blocks import joint_args, matmul3, swiglu_ffn
+from ..blocks import joint_args, matmul_parts, swiglu_ffn
 from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
 from ..errors import CpuinferError
 from ..gguf import GGUFFile
@@ -201,7 +201,7 @@ def _layer(n, p0, li, eps, scale, neox, nh, nkv,
         ops.rmsnorm_serial(x, attn_norm, eps, xb)                       # [n, d]
     else:
         ops.rmsnorm(x, attn_norm, eps, xb)
-    matmul3(xb, scratch, qkv_flat, wqkv, tqkv, q, wq, tq, k, wk, tk, v, wv, tv)   # [n, (nh+2·nkv)·hd]
+    matmul_parts(xb, scratch, qkv_flat, wqkv, tqkv, 3, q, wq, tq, k, wk, tk, v, wv, tv)   # [n, (nh+2·nkv)·hd]
     if bq.shape[0]:
         ops.add_rows(q, bq)
     if bk.shape[0]:

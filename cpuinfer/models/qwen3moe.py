@@ -16,7 +16,7 @@ from quant.jit import kernel
 from quant.kernels import matmul_kernel
 
 from .. import ops
-from ..blocks import joint_args, matmul3
+from ..blocks import joint_args, matmul_parts
 from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
 from ..gguf import GGUFFile
 from ..kvcache import KVCache
@@ -159,7 +159,7 @@ def _layer(n, p0, li, eps, scale, neox, nh, nkv,
     q, k, v, att = q_all[:n], k_all[:n], v_all[:n], att_all[:n]
     hd = q_norm.shape[0]
     ops.rmsnorm(x, attn_norm, eps, xb)                                  # [n, d]
-    matmul3(xb, scratch, qkv_flat, wqkv, tqkv, q, wq, tq, k, wk, tk, v, wv, tv)   # [n, (nh+2·nkv)·hd]
+    matmul_parts(xb, scratch, qkv_flat, wqkv, tqkv, 3, q, wq, tq, k, wk, tk, v, wv, tv)   # [n, (nh+2·nkv)·hd]
     qh_, kh_ = q.reshape((n * nh, hd)), k.reshape((n * nkv, hd))
     ops.rmsnorm(qh_, q_norm, eps, qh_)                                  # per-head q/k norms
     ops.rmsnorm(kh_, k_norm, eps, kh_)

@@ -33,7 +33,7 @@ import numpy as np
 
 import quant
 from quant import kernels as qk
-from quant.jit import kernel
+from quant.jit import inline_kernel, kernel
 
 from . import ops
 from .errors import CpuinferError
@@ -193,7 +193,7 @@ def _route_token(logits, bias, gating, n_group, n_group_used, norm_w, w_scale,
         weights[j] = weights[j] * w_scale
 
 
-@kernel
+@inline_kernel
 def _one_token_experts(x, out, ids, weights, q_gate, w_gate, q_up, w_up, q_down, w_down,
                        sel, sel_w, gs, us, ys, scratch):
     """The expert loop of :func:`_moe_ffn` for one token (its ``ids``/``weights`` [k]) in 3
@@ -220,7 +220,7 @@ def _one_token_experts(x, out, ids, weights, q_gate, w_gate, q_up, w_up, q_down,
             out[0, j] += sel_w[i] * ye[i, j]
 
 
-@kernel
+@inline_kernel
 def _moe_ffn(x, out, logits, bias, gating, n_group, n_group_used, norm_w, w_scale,
              q_gate, w_gate, q_up, w_up, q_down, w_down,
              probs, sel, group_score, ids, weights, counts, starts, order,
@@ -276,7 +276,7 @@ def _moe_ffn(x, out, logits, bias, gating, n_group, n_group_used, norm_w, w_scal
                 out[t, j] += wt * ye[i, j]
 
 
-@kernel
+@inline_kernel
 def moe_kernel(x, out, cfg, wts, bufs):
     """:func:`moe_ffn` for compiled callers: router mat-mul, routing and the expert loop in one
     call. ``cfg``, ``wts``, ``bufs`` are :meth:`MoeConfig.kernel_args`,

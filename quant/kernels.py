@@ -55,7 +55,7 @@ from numba import prange
 from cpuinfer.gguf import GGMLType
 
 from . import avx2, avx512, avx512_kquants, floats, interleaved, kquants, legacy
-from .jit import kernel, num_threads, parallel_kernel
+from .jit import inline_kernel, kernel, num_threads, parallel_kernel
 from .kquants import QK_K, quantize_act_q8k
 from .legacy import QK, quantize_act_q8
 
@@ -488,7 +488,7 @@ def matvec_stack(qtype, ws, sel, x, out, scratch):
                        scratch[xj * per:(xj + 1) * per])
 
 
-@kernel
+@inline_kernel
 def matmul_serial(qtype, w, x, out, scratch):
     """:func:`matmul_kernel` on the calling thread only (same results), for callers that are
     parallel over something else (e.g. one attention head per thread)."""

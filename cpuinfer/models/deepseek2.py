@@ -33,7 +33,7 @@ import numpy as np
 from numba import prange
 
 from quant import kernels as qk
-from quant.jit import kernel, parallel_kernel
+from quant.jit import inline_kernel, kernel, parallel_kernel
 from quant.kernels import matmul_kernel
 
 from .. import ops
@@ -328,7 +328,7 @@ class KVCache:
         return self.kv.nbytes
 
 
-@kernel
+@inline_kernel
 def _per_head_matmul(qtype, w, src, dst, xbuf, ybuf, scratch):
     """``dst[t, h] = W[h] · src[t, h]`` for every head h of stacked ``w`` [n_head, rows, row_bytes];
     ``src`` [n, n_head, cols] and ``dst`` [n, n_head, rows] may be strided views, ``xbuf``/``ybuf``
@@ -392,7 +392,7 @@ def _layer_inputs(L: Layer) -> tuple:
                         *_ffn_inputs(L.shexp))
 
 
-@kernel
+@inline_kernel
 def _heads(qtype, w, src, dst, hbuf_in, hbuf_out, head_scratch, scratch):
     """``dst[:, h] = W[h] · src[:, h]`` for every head: per head over threads for one token
     (:func:`_per_head_matvec`), else per head one parallel mat-mul over its tokens."""

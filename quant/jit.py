@@ -41,8 +41,14 @@ _PROJECT_PACKAGES = ("quant", "cpuinfer", "numa")
 _COMPILED_CODE = re.compile(rb"^\s*(from|import)\s+(numba|quant\.jit|\.jit)\b", re.M)
 
 
-def _project_modules() -> list[Path]:
-    return sorted(p for pkg in _PROJECT_PACKAGES for p in (_PROJECT_ROOT / pkg).rglob("*.py"))
+@functools.lru_cache(maxsize=None)
+def _project_modules() -> tuple[Path, ...]:
+    """The project's source files, listed once per process (every cached function's stamp
+    reads them: walking the packages again each time, numba's cache files included, cost
+    ~0.4 s of import and load on a tree with a few thousand of them). Their stamps are still
+    taken per function."""
+    return tuple(sorted(p for pkg in _PROJECT_PACKAGES for p in (_PROJECT_ROOT / pkg).rglob("*.py")
+                        if "__pycache__" not in p.parts))
 
 
 # Public names since numba 0.61, underscored before.

@@ -824,14 +824,18 @@ TILE_TOKENS = 4
 """Tokens of a prompt tile (one group)."""
 WIDE_K = 8192
 """Row length from which a decoded token walks :data:`TILE_GROUPS`' wide count of groups."""
-TILE_GROUPS = {_Q4_0: (2, 2), _Q4_1: (2, 2), _Q8_0: (2, 2), _Q2_K: (1, 1), _Q3_K: (1, 1),
-               _Q4_K: (1, 2), _Q5_K: (1, 2), _Q6_K: (1, 2)}
-"""Groups a decoded token walks at once, (rows of k < WIDE_K, wider rows). Two groups: each
-activation load serves 16 rows, which keeps the stream at DRAM speed when k = 14336 pushes the
-activations out of L1. The K-quants' blocks already hold 8 or 16 activation loads per 8 rows,
-and their two groups' unpacked quants spill registers: at k = 4096 one group reads 27-28
-against 21-23 GB/s per core (Q4_K), at k = 14336 two groups read 20-23 against 18-20. Q3_K,
-with more unpacking per byte, stays at one (k = 14336: 19-20 against 18.5-19.3 GB/s)."""
+TILE_GROUPS = {_Q4_0: (2, 4), _Q4_1: (2, 4), _Q8_0: (2, 4), _Q2_K: (1, 1), _Q3_K: (1, 1),
+               _Q4_K: (4, 4), _Q5_K: (1, 2), _Q6_K: (1, 2)}
+"""Groups a decoded token walks at once, (rows of k < WIDE_K, wider rows): G sequential streams
+a fraction of the thread's run apart, each activation load serving 8·G rows. One core streaming
+from DRAM needs several streams in flight; measured per core on the dev machine (Zen 4, 1
+thread, matrices of 235 MB, 2026-11-26: ``python -m tools.kernel_speed --rows 16384 --k 14336
+--types ... --groups 1,2,4``, and ``--k`` 2048-18432 with as many bytes): Q4_0 at k = 14336 reads 26.2-26.3 GB/s with 2
+groups, 28.9-30.0 with 4 (k = 18432: 22.2 -> 27.2; k <= 7168: 29-31 either way); Q4_1 26-28 ->
+29-30, Q8_0 30 -> 32; Q4_K 20.6-20.9 -> 25.7-26.0 at k = 14336, 22.1-22.2 (one group) -> 26.8-27.4
+at k = 7168, equal at 2048-4096. The other K-quants unpack more per byte and spill registers
+with more groups: Q6_K at k = 14336 reads 22.7-24.2 with 2 groups, 16.6-16.9 with 4; Q5_K 22 ->
+21; Q3_K 21 (one group) -> 12.6; Q2_K 16.4 -> 14.8."""
 
 
 def _rows_codegen(base, tile_groups=None, tile_tokens=TILE_TOKENS):

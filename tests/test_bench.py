@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 import cpuinfer
+import quant
 from cpuinfer.cli import main
 from cpuinfer.gguf import open_gguf
 from tools import bench
@@ -114,3 +116,16 @@ def test_token_profile_splits_a_dense_token_and_refuses_moe(capsys):
     assert token_profile.main([str(TINY / "qwen3moe" / "qwen3moe-Q8_0.gguf")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "dense llama family" in err and "qwen3moe" in err
+
+
+@pytest.mark.skipif(not quant.interleaved.HAVE_X8, reason="no AVX2: nothing is interleaved")
+def test_kernel_speed_times_the_decode_tile_per_group_count(capsys):
+    """tools.kernel_speed --groups: one GB/s line per interleaved format and group count; a
+    format that is not interleaved says so."""
+    from tools import kernel_speed
+    kernel_speed.main(["--rows", "64", "--k", "256", "--types", "Q4_0,Q5_0", "--groups", "1,2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["Q4_0_X8", "Q4_0_X8", "Q5_0:"]
+    for g, ln in zip((1, 2), lines):
+        assert re.search(rf"64x256 n=1 groups={g} threads=1: +[0-9.]+ GB/s$", ln)
+    assert "not interleaved" in lines[2]

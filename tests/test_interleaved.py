@@ -200,14 +200,14 @@ def test_layout_matches_reference_and_round_trips(t):
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 def test_kernels_give_the_documented_arithmetic_bit_for_bit(t):
-    """Decode (1 token: two groups a half run apart, then an odd group; K-quants one group below
-    WIDE_K values per row, two from there), prompt tiles (4 tokens through one group, then
-    singles), token blocks of 16, 1 and 2 threads, row counts that leave an odd group per
-    thread."""
+    """Decode (1 token: TILE_GROUPS' groups a fraction of the run apart, then the odd groups;
+    the narrow count below WIDE_K values per row, the wide one from there), prompt tiles (4
+    tokens through one group, then singles), token blocks of 16, 1 and 2 threads, row counts
+    that leave odd groups per thread."""
     assert _k(GGMLType.Q4_K, 1024) >= il.WIDE_K > _k(GGMLType.Q4_K, 576)
     rng = np.random.default_rng(2)
-    for rows, k in ((8, 32), (24, 64), (56, 96), (136, 576), (24, 1024)):
-        k = _k(t, k)                                    # the last: K-quant rows >= WIDE_K
+    for rows, k in ((8, 32), (24, 64), (56, 96), (136, 576), (24, 1024), (200, 0)):
+        k = _k(t, k) if k else il.WIDE_K                # the last two: rows >= WIDE_K
         w = random_matrix(rng, t, rows, k)
         p, code = quant.pack(w, t)
         for n in (1, 2, 3, 4, 5, 9, 17):

@@ -3,8 +3,8 @@ the same input — as one product when the loader joined them (:meth:`TensorLoad
 decoded token pays one parallel region for q, k and v (one for gate and up) instead of one per
 matrix — and the SwiGLU feed-forward.
 
-A family passes a joint matrix as its raw rows and type code, or :data:`NO_MATRIX` and -1 when
-its parts could not be joined (types differ, no repacking, NUMA placement); the parts are always
+A family passes a joint matrix as its raw rows and type code (:func:`matrix_args`), or
+:data:`NO_MATRIX` and -1 when its parts could not be joined (types differ, no repacking, NUMA placement); the parts are always
 passed too (row-slice views of the joint one when joined). Either way the outputs are the same
 bits: every output row is the same row kernel over the same quantized activations.
 """
@@ -18,12 +18,13 @@ from quant.kernels import matmul_kernel
 from . import ops
 from .weights import QTensor
 
-NO_MATRIX = np.zeros((0, 1), np.uint8)   # stand-in for a joint matrix that is absent (never read)
+NO_MATRIX = np.zeros((0, 1), np.uint8)   # stand-in for an absent matrix (never read)
 NO_MATRIX.flags.writeable = False
 
 
-def joint_args(t: QTensor | None) -> tuple:
-    """``(raw, type code)`` of a joint matrix for the kernels below, placeholders when None."""
+def matrix_args(t: QTensor | None) -> tuple:
+    """``(raw, type code)`` of a matrix as the compiled layers take it; ``(NO_MATRIX, -1)`` for
+    an absent one (a joint matrix not built, a family's optional matrix)."""
     return (NO_MATRIX, -1) if t is None else (t.raw, t.qtype)
 
 

@@ -124,19 +124,17 @@ class TensorLoader:
         if (len(infos) < 2 or len(kinds) != 1 or not self.repack or self.placement is not None
                 or not all(quant.can_pack(info.ggml_type, r) for info, r in zip(infos, rows))):
             return None, tuple(self._tensor(info, r, cols, True) for info, r in zip(infos, rows))
-        raws = [self.gguf.raw(info) for info in infos]
-        if len({raw.shape[-1] for raw in raws}) != 1:
-            raise CpuinferError(f"{self.path}: tensors {', '.join(names)} have different row sizes")
-        ggml_type = infos[0].ggml_type
-        out = np.empty((sum(rows), raws[0].shape[-1]), np.uint8)
+        ggml_type = infos[0].ggml_type            # one type and one cols: one row size
+        out = np.empty((sum(rows), quant.row_bytes(ggml_type, cols)), np.uint8)
         edges = np.cumsum((0,) + tuple(rows))
-        for raw, a, b in zip(raws, edges[:-1], edges[1:]):
+        for info, a, b in zip(infos, edges[:-1], edges[1:]):
+            raw = self.gguf.raw(info)
             _, qtype = quant.pack(raw, ggml_type, out=out[a:b])
             _unmap(raw)
         out.flags.writeable = False
         parts = tuple(QTensor(info.name, out[a:b], ggml_type, r, cols, int(qtype))
                       for info, r, a, b in zip(infos, rows, edges[:-1], edges[1:]))
-        whole = QTensor("+".join(names), out, ggml_type, int(edges[-1]), cols, int(qtype))
+        whole = QTensor("+".join(names), out, ggml_type, out.shape[0], cols, int(qtype))
         return whole, parts
 
     def vector(self, name: str, n: int) -> np.ndarray:

@@ -37,7 +37,7 @@ from quant.jit import inline_kernel, kernel, parallel_kernel
 from quant.kernels import matmul_kernel
 
 from .. import ops
-from ..blocks import joint_args, matmul_parts, swiglu_ffn
+from ..blocks import matmul_parts, matrix_args, swiglu_ffn
 from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
 from ..errors import CpuinferError
 from ..gguf import GGUFFile
@@ -365,18 +365,13 @@ def _per_head_matvec(qtype, w, src, dst, xbuf, ybuf, scratch):
             dst[0, h, i] = ys[0, i]
 
 
-_NO_MAT = np.zeros((0, 0), np.uint8)      # stand-ins for absent matrices / norms (never read)
-_NO_VEC = np.zeros(0, np.float32)
-for _a in (_NO_MAT, _NO_VEC):
-    _a.flags.writeable = False
-
-
-def _m(t: QTensor | None):
-    return (_NO_MAT, -1) if t is None else (t.raw, t.qtype)
+_NO_VEC = np.zeros(0, np.float32)        # stand-in for an absent norm (never read)
+_NO_VEC.flags.writeable = False
+_m = matrix_args
 
 
 def _ffn_inputs(f: Ffn | None) -> tuple:
-    return (*joint_args(f and f.gate_up), *_m(f and f.gate), *_m(f and f.up), *_m(f and f.down))
+    return (*_m(f and f.gate_up), *_m(f and f.gate), *_m(f and f.up), *_m(f and f.down))
 
 
 def _layer_inputs(L: Layer) -> tuple:
@@ -384,7 +379,7 @@ def _layer_inputs(L: Layer) -> tuple:
     :func:`_dense_block` / :func:`_moe_block`: raw blocks + type codes, norms, placeholders for
     absent parts."""
     has_qa = L.wq is None
-    attn = (L.attn_norm, has_qa, *joint_args(L.w_in), *_m(L.wq_a), L.q_a_norm if has_qa else _NO_VEC,
+    attn = (L.attn_norm, has_qa, *_m(L.w_in), *_m(L.wq_a), L.q_a_norm if has_qa else _NO_VEC,
             *_m(L.wq_b), *_m(L.wq), *_m(L.wkv_a), L.kv_a_norm, *_m(L.wk_b), *_m(L.wv_b), *_m(L.wo))
     if L.moe is None:
         return attn, False, (L.ffn_norm, *_ffn_inputs(L.ffn))

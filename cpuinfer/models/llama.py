@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import ops
-from ..blocks import joint_args, matmul_parts, swiglu_ffn
+from ..blocks import matmul_parts, matrix_args, swiglu_ffn
 from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
 from ..errors import CpuinferError
 from ..gguf import GGUFFile
@@ -174,11 +174,10 @@ _NO_BIAS.flags.writeable = False
 def _layer_inputs(L: Layer) -> tuple:
     """A layer's weights as :func:`_layer` takes them: raw blocks + integer type code per matrix,
     norms, and biases (empty when absent). Built once at load."""
-    def m(t: QTensor):
-        return t.raw, t.qtype
+    m = matrix_args
     bias = [b if b is not None else _NO_BIAS for b in (L.bq, L.bk, L.bv)]
-    return (L.attn_norm, *joint_args(L.wqkv), *m(L.wq), *m(L.wk), *m(L.wv), *bias, *m(L.wo),
-            L.ffn_norm, *joint_args(L.w_gate_up), *m(L.w_gate), *m(L.w_up), *m(L.w_down))
+    return (L.attn_norm, *m(L.wqkv), *m(L.wq), *m(L.wk), *m(L.wv), *bias, *m(L.wo),
+            L.ffn_norm, *m(L.w_gate_up), *m(L.w_gate), *m(L.w_up), *m(L.w_down))
 
 
 @kernel

@@ -16,7 +16,7 @@ from quant.jit import kernel
 from quant.kernels import matmul_kernel
 
 from .. import ops
-from ..blocks import joint_args, matmul_parts
+from ..blocks import matmul_parts, matrix_args
 from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
 from ..gguf import GGUFFile
 from ..kvcache import KVCache
@@ -141,10 +141,9 @@ class State:
 
 
 def _layer_inputs(L: Layer) -> tuple:
-    def m(t: QTensor):
-        return t.raw, t.qtype
-    return (L.attn_norm, *joint_args(L.wqkv), *m(L.wq), *m(L.wk), *m(L.wv), L.q_norm, L.k_norm, *m(L.wo), L.ffn_norm,
-            L.moe.kernel_args())
+    m = matrix_args
+    return (L.attn_norm, *m(L.wqkv), *m(L.wq), *m(L.wk), *m(L.wv), L.q_norm, L.k_norm, *m(L.wo),
+            L.ffn_norm, L.moe.kernel_args())
 
 
 @kernel

@@ -829,8 +829,9 @@ TILE_GROUPS = {_Q4_0: (2, 4), _Q4_1: (2, 4), _Q8_0: (2, 4), _Q2_K: (1, 1), _Q3_K
 """Groups a decoded token walks at once, (rows of k < WIDE_K, wider rows): G sequential streams
 a fraction of the thread's run apart, each activation load serving 8·G rows. One core streaming
 from DRAM needs several streams in flight; measured per core on the dev machine (Zen 4, 1
-thread, matrices of 235 MB, 2026-11-26: ``python -m tools.kernel_speed --rows 16384 --k 14336
---types ... --groups 1,2,4``, and ``--k`` 2048-18432 with as many bytes): Q4_0 at k = 14336 reads 26.2-26.3 GB/s with 2
+thread, matrices of 235 MB, 2026-11-26; most figures first from a throwaway script over this
+builder, then ``python -m tools.kernel_speed --rows 16384 --k 14336 --types ... --groups 2,4``
+and ``--k`` 2048-18432 with as many bytes reproduce them): Q4_0 at k = 14336 reads 26.2-26.3 GB/s with 2
 groups, 28.9-30.0 with 4 (k = 18432: 22.2 -> 27.2; k <= 7168: 29-31 either way); Q4_1 26-28 ->
 29-30, Q8_0 30 -> 32; Q4_K 20.6-20.9 -> 25.7-26.0 at k = 14336, 22.1-22.2 (one group) -> 26.8-27.4
 at k = 7168, equal at 2048-4096. The other K-quants unpack more per byte and spill registers

@@ -1,6 +1,6 @@
 """Compiled per-token operations other than the weight mat-muls: RMSNorm, RoPE, causal
-attention over the f16 KV cache, SwiGLU. Each is a private ``@njit`` kernel over preallocated
-arrays: nothing here allocates.
+attention over the f16 KV cache (:mod:`cpuinfer.attention`), SwiGLU. Each is a private ``@njit``
+kernel over preallocated arrays: nothing here allocates.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import numpy as np
 from numba import prange
 
-from quant.base import f32_to_half_bits, half_bits_to_f32
+from quant.base import f32_to_half_bits
 from quant.jit import fast_kernel, fast_parallel_kernel, kernel, parallel_kernel
 
 from .arch import RopeType
@@ -122,54 +122,6 @@ def store_f16(src, dst):
         for j in range(h):
             for i in range(d):
                 dst[t, j, i] = f32_to_half_bits(src[t, j, i])
-
-
-@fast_parallel_kernel
-def attention(q, k_cache, v_cache, p0, scale, scores, qh, out):
-    """Causal multi-head attention over an f16 KV cache, with grouped K/V heads.
-
-    q: [n, n_head, hd_k] float32 for tokens at positions p0..p0+n-1; k_cache [ctx, n_kv, hd_k] and
-    v_cache [ctx, n_kv, hd_v] hold IEEE-half bits (uint16) of positions 0..p0+n-1;
-    out: [n, n_head, hd_v]. Query head h reads K/V head h // (n_head / n_kv).
-    Scratch: scores [n_head, ctx], qh [n_head, hd_k] (float32).
-
-    Numerics follow ggml's f16-cache path: q is rounded to half for the q·k dot, softmax in
-    float32 with a float64 sum, and the probabilities are rounded to half for the P·V product.
-    """
-    n, n_head, hd = q.shape
-    n_kv = k_cache.shape[1]
-    hdv = v_cache.shape[2]
-    group = n_head // n_kv
-    for h in prange(n_head):
-        kvh = h // group
-        sc = scores[h]
-        qv = qh[h]
-        for t in range(n):
-            n_keys = p0 + t + 1
-            for i in range(hd):
-                qv[i] = half_bits_to_f32(f32_to_half_bits(q[t, h, i]))
-            mx = -np.inf
-            for j in range(n_keys):
-                s = np.float32(0.0)
-                for i in range(hd):
-                    s += qv[i] * half_bits_to_f32(k_cache[j, kvh, i])
-                s *= scale
-                sc[j] = s
-                mx = max(mx, s)
-            total = 0.0
-            for j in range(n_keys):
-                e = math.exp(sc[j] - mx)
-                sc[j] = e
-                total += e
-            inv = np.float32(1.0 / total)
-            for j in range(n_keys):
-                sc[j] = half_bits_to_f32(f32_to_half_bits(sc[j] * inv))
-            for i in range(hdv):
-                out[t, h, i] = 0.0
-            for j in range(n_keys):
-                p = sc[j]
-                for i in range(hdv):
-                    out[t, h, i] += p * half_bits_to_f32(v_cache[j, kvh, i])
 
 
 @fast_kernel

@@ -37,6 +37,7 @@ from quant.jit import inline_kernel, kernel, parallel_kernel
 from quant.kernels import matmul_kernel
 
 from .. import ops
+from ..attention import attention
 from ..blocks import matmul_parts, matrix_args, swiglu_ffn
 from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
 from ..errors import CpuinferError
@@ -433,7 +434,7 @@ def _mla_block(n, p0, li, eps, kq_scale, neox, nh, nope,
     _heads(tk_b, wk_b, q3[:, :, :nope], q_mqa[:, :, :L_], hbuf_in, hbuf_out, head_scratch,
            scratch)                                                      # [n, nh, L]
     q_mqa[:, :, L_:] = q3[:, :, nope:]
-    ops.attention(q_mqa, kc, kc[:, :, :L_], p0, kq_scale, scores, qh, o_lat)  # MQA, V = latent
+    attention(q_mqa, kc, kc, p0, kq_scale, scores, qh, o_lat)  # MQA, V = the first L of each row
     _heads(tv_b, wv_b, o_lat, att.reshape((n, nh, att.shape[1] // nh)), hbuf_in, hbuf_out,
            head_scratch, scratch)                                        # [n, nh, v_dim]
     matmul_kernel(to, wo, att, xo, scratch)                              # [n, d]

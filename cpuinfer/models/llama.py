@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import ops
+from ..attention import attention
 from ..blocks import matmul_parts, matrix_args, swiglu_ffn
 from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
 from ..errors import CpuinferError
@@ -217,7 +218,7 @@ def _layer(n, p0, li, eps, scale, neox, nh, nkv,
         ops.rope_kernel(k3, cos, sin, p0, neox)
     ops.store_f16(k3, k_cache[li, p0:p0 + n])                           # cache (f16): [ctx, nkv, hd]
     ops.store_f16(v.reshape((n, nkv, hd)), v_cache[li, p0:p0 + n])
-    ops.attention(q3, k_cache[li], v_cache[li], p0, scale, scores, qh,
+    attention(q3, k_cache[li], v_cache[li], p0, scale, scores, qh,
                   att.reshape((n, nh, hd)))                             # [n, nh, hd]
     matmul_kernel(to, wo, att, xo, scratch)                             # [n, d]
     ops.add_into(x, xo)

@@ -16,6 +16,7 @@ from quant.jit import kernel
 from quant.kernels import matmul_kernel
 
 from .. import ops
+from ..attention import attention
 from ..blocks import matmul_parts, matrix_args
 from ..arch import ArchInfo, Key, RopeType, Tn, read_meta, tensor_name
 from ..gguf import GGUFFile
@@ -167,7 +168,7 @@ def _layer(n, p0, li, eps, scale, neox, nh, nkv,
     ops.rope_kernel(k3, cos, sin, p0, neox)
     ops.store_f16(k3, k_cache[li, p0:p0 + n])                           # f16 cache [ctx, nkv, hd]
     ops.store_f16(v.reshape((n, nkv, hd)), v_cache[li, p0:p0 + n])
-    ops.attention(q3, k_cache[li], v_cache[li], p0, scale, scores, qh,
+    attention(q3, k_cache[li], v_cache[li], p0, scale, scores, qh,
                   att.reshape((n, nh, hd)))                             # [n, nh, hd]
     matmul_kernel(to, wo, att, xo, scratch)                             # [n, d]
     ops.add_into(x, xo)

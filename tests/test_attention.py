@@ -1,0 +1,86 @@
+"""The tiled attention kernel against a float64 numpy reference on the same f16 roundings."""
+import re
+
+import numpy as np
+import pytest
+
+import quant
+from cpuinfer import attention as A
+from quant import avx2
+
+from quant_helpers import asm_of
+
+
+def _cache(rng, ctx, n_kv, width):
+    return rng.standard_normal((ctx, n_kv, width)).astype(np.float16).view(np.uint16)
+
+
+def _run(q, kc, vc, p0, scale, hdv):
+    n, nh, hd = q.shape
+    out = np.full((n, nh, hdv), np.nan, np.float32)          # every value must be written
+    scores = np.zeros((nh, p0 + n + 3), np.float32)
+    qh = np.zeros((nh, hd), np.float32)
+    A.attention(q, kc, vc, p0, np.float32(scale), scores, qh, out)
+    return out
+
+
+# (n_head, n_kv, hd, hdv, V = the first hdv values of the K rows as in MLA)
+SHAPES = {
+    "gqa": (6, 2, 16, 16, False),          # groups of 3: 1-head tiles only
+    "gqa8": (8, 1, 24, 24, False),         # two 4-head tiles
+    "mha": (3, 3, 8, 8, False),
+    "mla": (9, 1, 40, 32, True),           # 4 + 4 + 1 heads, V a prefix of each K row
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_matches_reference(shape):
+    nh, nkv, hd, hdv, mla = SHAPES[shape]
+    rng = np.random.default_rng(len(shape))
+    for n, p0 in ((1, 0), (1, 5), (1, 130), (5, 3), (7, 70)):   # 130, 77: past POS_BLOCK, odd
+        ctx = p0 + n
+        kc = _cache(rng, ctx, nkv, hd)
+        vc = kc if mla else _cache(rng, ctx, nkv, hdv)
+        q = (2 * rng.standard_normal((n, nh, hd))).astype(np.float32)
+        want = A.attention_reference(q, kc, vc, p0, 0.3, hdv)
+        for threads in (1, 2, 4):                              # 4: runs that split a K/V group
+            quant.set_threads(threads)
+            got = _run(q, kc, vc, p0, 0.3, hdv)
+            # p is rounded to f16 on both sides; a sum in another order may round one p to the
+            # neighbouring f16 value (2^-11 relative)
+            np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * np.abs(want).max(),
+                                       err_msg=f"{shape} n={n} p0={p0} threads={threads}")
+    quant.set_threads(2)
+
+
+def test_one_position_returns_its_value_row():
+    """With one key, softmax is 1 and the output is that value row (rounded through f16)."""
+    rng = np.random.default_rng(1)
+    kc, vc = _cache(rng, 1, 2, 8), _cache(rng, 1, 2, 8)
+    q = rng.standard_normal((1, 4, 8)).astype(np.float32)
+    out = _run(q, kc, vc, 0, 0.5, 8)
+    v = vc.view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(out[0], v[0][[0, 0, 1, 1]])
+
+
+def test_exp_matches_numpy():
+    x = np.concatenate([np.linspace(-87.0, 0.0, 200001), [-1e-7, -0.5, -0.6931472, -20.0]])
+    got = np.array([A.exp_neg(np.float32(v)) for v in x.astype(np.float32)], np.float64)
+    want = np.exp(x.astype(np.float32).astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 5e-7             # about 4 ulp
+    assert A.exp_neg(np.float32(0.0)) == 1.0
+    assert A.exp_neg(np.float32(-200.0)) == pytest.approx(np.exp(-87.0), rel=1e-6)
+
+
+@pytest.mark.skipif(not avx2.HAVE_AVX2, reason="needs AVX2 (compile target)")
+@pytest.mark.parametrize("tile", ["_qk_4x2", "_qk_1x4", "_pv_4x4", "_pv_1x4"])
+def test_tiles_are_vectorized(tile):
+    rng = np.random.default_rng(0)
+    kc = _cache(rng, 8, 1, 64)
+    sc = rng.standard_normal((4, 8)).astype(np.float32)
+    a = np.zeros((4, 64), np.float32)
+    args = ((a, 0, kc, 0, 0, 8, np.float32(1.0), sc) if tile.startswith("_qk")
+            else (sc, 0, kc, 0, 0, 8, a))
+    asm = asm_of(getattr(A, tile), *args)
+    assert re.search(r"\bvcvtph2ps\b[^\n]*%[yz]mm", asm), f"{tile}: f16 not converted 8+ at a time"
+    assert re.search(r"\bvfmadd\w*ps\b[^\n]*%[yz]mm", asm), f"{tile}: no packed multiply-add"

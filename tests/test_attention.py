@@ -84,3 +84,21 @@ def test_tiles_are_vectorized(tile):
     asm = asm_of(getattr(A, tile), *args)
     assert re.search(r"\bvcvtph2ps\b[^\n]*%[yz]mm", asm), f"{tile}: f16 not converted 8+ at a time"
     assert re.search(r"\bvfmadd\w*ps\b[^\n]*%[yz]mm", asm), f"{tile}: no packed multiply-add"
+
+
+def test_attention_speed_tool(capsys):
+    """tools.attention_speed: one markdown row per shape × positions × threads; bad input is a
+    one-line error and exit status 1."""
+    from tools import attention_speed
+    assert attention_speed.main(["--shapes", "smollm2,deepseek-v3", "--positions", "8,20",
+                                 "--tokens", "3", "-t", "1,2"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| smollm2")
+            or r.startswith("| deepseek-v3")]
+    assert len(rows) == 8
+    cells = rows[0].strip("|").split("|")
+    assert [c.strip() for c in cells[:4]] == ["smollm2", "1", "8", "3"]
+    assert all(float(c) > 0 for c in cells[4:])
+    for bad in (["--shapes", "gpt5"], ["--positions", "x"], ["--positions", "4", "--tokens", "5"]):
+        assert attention_speed.main(bad) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1

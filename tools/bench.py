@@ -45,14 +45,19 @@ class BenchRecord:
     extra: dict = field(default_factory=dict)
 
 
-def parse_threads(spec: str) -> list[int]:
+def parse_counts(spec: str, flag: str) -> list[int]:
+    """``"1,2,4"`` -> [1, 2, 4]; a clear error naming ``flag`` for anything but positive integers."""
     try:
         ts = [int(t) for t in spec.split(",") if t.strip()]
     except ValueError:
-        raise CpuinferError(f"--threads expects a comma-separated list of integers, got {spec!r}") from None
+        raise CpuinferError(f"{flag} expects a comma-separated list of integers, got {spec!r}") from None
     if not ts or any(t < 1 for t in ts):
-        raise CpuinferError(f"--threads expects positive integers, got {spec!r}")
+        raise CpuinferError(f"{flag} expects positive integers, got {spec!r}")
     return ts
+
+
+def parse_threads(spec: str) -> list[int]:
+    return parse_counts(spec, "--threads")
 
 
 def _prompt_ids(n_vocab: int, n: int, seed: int = 0) -> list[int]:

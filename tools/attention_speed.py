@@ -30,8 +30,9 @@ SHAPES = {
 }
 
 
-def time_case(shape: str, positions: int, n: int, threads: int, rng) -> dict:
-    nh, nkv, hd, hdv, mla = SHAPES[shape]
+def time_case(shape, positions: int, n: int, threads: int, rng) -> dict:
+    """Best time of one call for ``shape`` (a :data:`SHAPES` name or its tuple)."""
+    nh, nkv, hd, hdv, mla = SHAPES[shape] if isinstance(shape, str) else shape
     k = rng.standard_normal((positions, nkv, hd)).astype(np.float16).view(np.uint16)
     v = k if mla else rng.standard_normal((positions, nkv, hdv)).astype(np.float16).view(np.uint16)
     q = rng.standard_normal((n, nh, hd)).astype(np.float32)

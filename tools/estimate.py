@@ -1,7 +1,7 @@
 """Tokens/s and RAM estimator: know the speed before buying the RAM.
 
 ``cpuinfer estimate MODEL.gguf|PRESET [--bandwidth GB/s | --channels N --mts MT/s [--sockets S]]
-[--ram GB] [--ctx N] [--efficiency F] [--kv-dtype f32|f16|bf16] [--json]``
+[--ram GB] [--ctx N] [--efficiency F] [--kv-dtype f32|f16|bf16] [--cores N] [--attn-rate G] [--json]``
 
 Decode of one token reads every weight it uses once and the whole KV cache once, so on a CPU it
 is bound by memory bandwidth: ``tokens/s <= bandwidth / bytes_per_token``. This module computes
@@ -26,6 +26,16 @@ What one decoded token streams (the rules :func:`decode_bytes_per_token` applies
 Efficiency (the fraction of the measured read bandwidth decode achieves) defaults to the median
 ``bw_fraction`` of this machine's ``cpuinfer bench`` runs cached in ``bench.json`` (see
 :func:`store_bench_records`), else :data:`DEFAULT_EFFICIENCY`; the source is always printed.
+
+Attention is arithmetic as well as bytes: every query head dots every cached key and sums every
+cached value, ``layers × n_head × ctx × (key dims + value dims)`` multiply-adds per token
+(:func:`attention_macs_per_token`; DeepSeek's absorbed MLA: 128 heads × (576 + 512) per cached
+token, 35 G per R1 token at 4096 positions, 1.1 T at 131072). cpuinfer runs it after the weight
+products, so the expected time per token is the bandwidth time plus ``macs / (cores × rate)``.
+The rate per core is measured on this machine (:mod:`cpuinfer.attention` on one thread, the
+model's head shape) unless ``--attn-rate`` gives it; cores are this machine's physical cores when
+the bandwidth is this machine's (measured or cached), else ``--cores`` (a machine described by
+``--bandwidth`` or ``--channels``): without it the arithmetic is printed but not counted.
 """
 from __future__ import annotations
 
@@ -128,6 +138,45 @@ def kv_bytes_per_token(meta: Mapping[str, Any], kv_dtype: str = "f16") -> int:
     """KV cache bytes one cached token takes over all layers."""
     a = _arch(meta)
     return kv_values_per_token_layer(meta) * _int(meta, f"{a}.block_count") * kv_dtype_size(kv_dtype)
+
+
+def attention_shape(meta: Mapping[str, Any]) -> tuple[int, int, int, int, bool]:
+    """(n_head, n_kv, key dims, value dims, V = the first value dims of each K row) of the
+    attention kernel the runtime runs for this model (deepseek2: absorbed MLA over the latent)."""
+    a = _arch(meta)
+    n_head = _int(meta, f"{a}.attention.head_count")
+    if a == "deepseek2":
+        lora = _int(meta, f"{a}.attention.kv_lora_rank")
+        return n_head, 1, lora + _int(meta, f"{a}.rope.dimension_count"), lora, True
+    n_kv = _int(meta, f"{a}.attention.head_count_kv", n_head) or n_head
+    head_dim = _int(meta, f"{a}.embedding_length") // n_head
+    return (n_head, n_kv, _int(meta, f"{a}.attention.key_length", head_dim),
+            _int(meta, f"{a}.attention.value_length", head_dim), False)
+
+
+def attention_macs_per_token(meta: Mapping[str, Any], ctx: int) -> int:
+    """Multiply-adds of one decoded token's attention over ``ctx`` cached tokens:
+    layers × n_head × ctx × (key dims + value dims)."""
+    n_head, _, k, v, _ = attention_shape(meta)
+    return _int(meta, f"{_arch(meta)}.block_count") * n_head * ctx * (k + v)
+
+
+ATTN_RATE_POSITIONS = 2048        # cached positions the per-core rate is measured at
+
+
+def measure_attention_rate(meta: Mapping[str, Any], ctx: int) -> float:
+    """G multiply-adds/s of :func:`cpuinfer.attention.attention` on one thread of this machine,
+    for the model's head shape at min(ctx, ATTN_RATE_POSITIONS) cached positions."""
+    from quant.jit import get_threads, set_threads
+    from tools.attention_speed import time_case
+    import numpy as np
+    before = get_threads()
+    try:
+        r = time_case(attention_shape(meta), max(1, min(ctx, ATTN_RATE_POSITIONS)), 1, 1,
+                      np.random.default_rng(0))
+    finally:
+        set_threads(before)
+    return r["gmacs"]
 
 
 def decode_bytes_per_token(tensors: Mapping[str, TensorInfo] | Iterable[TensorInfo],
@@ -275,18 +324,37 @@ class Estimate:
     overhead_bytes: int
     ram_bytes: int
     ram_source: str
+    attention_macs: int                # multiply-adds of one token's attention at ctx
+    cores: int | None = None           # None: the attention arithmetic is not counted
+    cores_source: str = ""
+    attn_rate: float | None = None     # G multiply-adds/s per core
+    attn_rate_source: str = ""
 
     @property
     def bytes_per_token(self) -> int:
         return self.breakdown.total
 
     @property
+    def attention_seconds(self) -> float | None:
+        """Time of one token's attention arithmetic on all cores, or None when not counted."""
+        if self.cores is None or self.attn_rate is None:
+            return None
+        return self.attention_macs / (self.cores * self.attn_rate * 1e9)
+
+    @property
     def bound_tps(self) -> float:
         return self.bandwidth_gbps * _GB / self.bytes_per_token
 
     @property
-    def expected_tps(self) -> float:
+    def bandwidth_tps(self) -> float:
+        """Tokens/s the bandwidth allows at the efficiency (attention arithmetic not counted)."""
         return self.bound_tps * self.efficiency
+
+    @property
+    def expected_tps(self) -> float:
+        """1 / (bandwidth time + attention arithmetic time) per token."""
+        att = self.attention_seconds
+        return self.bandwidth_tps if att is None else 1.0 / (1.0 / self.bandwidth_tps + att)
 
     @property
     def ram_needed_bytes(self) -> int:
@@ -310,7 +378,13 @@ class Estimate:
             "model": self.model, "description": self.description,
             "weight_bytes": self.weight_bytes, "bytes_per_token": self.bytes_per_token,
             "bandwidth_gbps": self.bandwidth_gbps, "bound_tps": self.bound_tps,
-            "efficiency": self.efficiency, "expected_tps": self.expected_tps,
+            "efficiency": self.efficiency, "bandwidth_tps": self.bandwidth_tps,
+            "expected_tps": self.expected_tps,
+            "attention_macs_per_token": self.attention_macs, "cores": self.cores,
+            "cores_source": self.cores_source, "attn_gmacs_per_core": self.attn_rate,
+            "attn_rate_source": self.attn_rate_source,
+            "attention_ms_per_token": (None if self.attention_seconds is None
+                                       else self.attention_seconds * 1e3),
             "ram_needed_bytes": self.ram_needed_bytes, "max_ctx": self.max_ctx,
             "ctx": self.ctx, "trained_ctx": self.trained_ctx, "kv_dtype": self.kv_dtype,
             "kv_bytes_per_token": self.breakdown.kv_bytes_per_token,
@@ -357,8 +431,13 @@ def resolve_bandwidth(bandwidth: float | None = None, channels: int | None = Non
 def estimate(model: str, *, ctx: int = DEFAULT_CTX, bandwidth: float | None = None,
              channels: int | None = None, mts: float | None = None, sockets: int | None = None,
              ram_gb: float | None = None, efficiency: float | None = None,
-             kv_dtype: str = "f16", measure_if_missing: bool = True) -> Estimate:
+             kv_dtype: str = "f16", cores: int | None = None, attn_rate: float | None = None,
+             measure_if_missing: bool = True) -> Estimate:
     """Everything ``cpuinfer estimate`` reports, for a GGUF path or ``MODEL:QUANT`` preset."""
+    if cores is not None and cores < 1:
+        raise CpuinferError(f"--cores must be at least 1, got {cores}")
+    if attn_rate is not None and not attn_rate > 0:
+        raise CpuinferError(f"--attn-rate must be a positive G multiply-adds/s figure, got {attn_rate}")
     if ctx < 1:
         raise CpuinferError(f"--ctx must be at least 1, got {ctx}")
     if efficiency is not None and not 0 < efficiency <= 1:
@@ -379,13 +458,28 @@ def estimate(model: str, *, ctx: int = DEFAULT_CTX, bandwidth: float | None = No
         ram, ram_src = int(ram_gb * _GB), "given (--ram)"
     else:
         ram, ram_src = int(psutil.virtual_memory().total), "this machine's total memory"
+    this_machine = bandwidth is None and channels is None and mts is None and sockets is None
+    if cores is not None:
+        cores_src = "given (--cores)"
+    elif this_machine:
+        cores, cores_src = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1, "this machine's physical cores"
+    else:
+        cores_src = "no --cores for the machine given by --bandwidth/--channels"
+    if attn_rate is not None:
+        rate, rate_src = float(attn_rate), "given (--attn-rate)"
+    elif cores is not None and measure_if_missing:
+        rate = measure_attention_rate(src.meta, ctx)
+        rate_src = f"this machine's core, measured now at {min(ctx, ATTN_RATE_POSITIONS):,} positions"
+    else:
+        rate, rate_src = None, "not measured"
     return Estimate(
         model=src.label, description=src.description, ctx=ctx, trained_ctx=src.trained_ctx,
         kv_dtype=kv_dtype, breakdown=breakdown,
         weight_bytes=sum(t.nbytes for t in src.tensors.values()),
         bandwidth_gbps=gbps, bandwidth_source=bw_src, theoretical_gbps=peak,
         efficiency=eff, efficiency_source=eff_src, overhead_bytes=runtime_overhead_bytes(src.meta),
-        ram_bytes=ram, ram_source=ram_src)
+        ram_bytes=ram, ram_source=ram_src, attention_macs=attention_macs_per_token(src.meta, ctx),
+        cores=cores, cores_source=cores_src, attn_rate=rate, attn_rate_source=rate_src)
 
 
 def _gb(n: float) -> str:
@@ -408,8 +502,18 @@ def format_estimate(e: Estimate) -> str:
         lines.append(f"                 at the theoretical peak the bound would be "
                      f"{e.theoretical_gbps * _GB / e.bytes_per_token:,.2f} tokens/s")
     lines += [f"bound            {e.bound_tps:,.2f} tokens/s (bandwidth / bytes per token)",
-              f"efficiency       {e.efficiency:.2f} ({e.efficiency_source})",
-              f"expected         {e.expected_tps:,.2f} tokens/s",
+              f"efficiency       {e.efficiency:.2f} ({e.efficiency_source})"]
+    lines.append(f"attention math   {e.attention_macs / 1e9:,.1f} G multiply-adds per token at context {e.ctx:,}")
+    att = e.attention_seconds
+    if att is None:
+        lines += [f"                 not counted: {e.cores_source}",
+                  f"expected         {e.expected_tps:,.2f} tokens/s (bandwidth only)"]
+    else:
+        lines += [f"                 {e.cores} cores ({e.cores_source}) x {e.attn_rate:,.1f} G/s per core "
+                  f"({e.attn_rate_source}) = {att * 1e3:,.1f} ms per token",
+                  f"expected         {e.expected_tps:,.2f} tokens/s ({e.bandwidth_tps:,.2f} from the bandwidth, "
+                  f"then {att * 1e3:,.1f} ms of attention arithmetic per token)"]
+    lines += [
               f"RAM needed       {_gb(e.ram_needed_bytes)} at context {e.ctx:,} (weights {_gb(e.weight_bytes)}"
               f" + KV cache {_gb(b.kv_cache)} + runtime {_gb(e.overhead_bytes)})"]
     if not e.fits:
@@ -437,12 +541,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", default="f16", choices=sorted(KV_DTYPES),
                    help="KV cache element type (default f16: IEEE half, what cpuinfer's runtime keeps and "
                         "llama.cpp's default; f32 for a float32 cache, twice the bytes)")
+    p.add_argument("--cores", type=int, default=None,
+                   help="cores for the attention arithmetic (default: this machine's physical cores when the "
+                        "bandwidth is this machine's; a machine given by --bandwidth/--channels needs it)")
+    p.add_argument("--attn-rate", type=float, default=None,
+                   help="attention G multiply-adds/s per core (default: measured on this machine's core)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     e = estimate(args.model, ctx=args.ctx, bandwidth=args.bandwidth, channels=args.channels, mts=args.mts,
-                 sockets=args.sockets, ram_gb=args.ram, efficiency=args.efficiency, kv_dtype=args.kv_dtype)
+                 sockets=args.sockets, ram_gb=args.ram, efficiency=args.efficiency, kv_dtype=args.kv_dtype,
+                 cores=args.cores, attn_rate=args.attn_rate)
     print(json.dumps(e.as_json(), indent=1) if args.json else format_estimate(e))
     return 0
 

@@ -8,7 +8,7 @@ import quant
 from cpuinfer import attention as A
 from quant import avx2
 
-from quant_helpers import asm_of
+from quant_helpers import asm_of, run_for_avx2_only
 
 
 def _cache(rng, ctx, n_kv, width):
@@ -20,7 +20,7 @@ def _run(q, kc, vc, p0, scale, hdv):
     out = np.full((n, nh, hdv), np.nan, np.float32)          # every value must be written
     scores = np.zeros((nh, p0 + n + 3), np.float32)
     qh = np.zeros((nh, hd), np.float32)
-    A.attention(q, kc, vc, p0, np.float32(scale), scores, qh, out)
+    A.attention(q, kc, vc, p0, scale, scores, qh, out)      # a Python float, as the models pass
     return out
 
 
@@ -102,3 +102,41 @@ def test_attention_speed_tool(capsys):
         assert attention_speed.main(bad) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.skipif(not A.HAVE_QK_2X8, reason="needs AVX-512 (the 2-head IR tile's target)")
+def test_head_pair_tile_is_vector_code_and_matches_the_numba_tile():
+    rng = np.random.default_rng(5)
+    kc = _cache(rng, 21, 2, 32)
+    qh = rng.standard_normal((4, 32)).astype(np.float32)
+    a, b = np.zeros((4, 21), np.float32), np.zeros((4, 21), np.float32)
+    A._qk_pairs(qh, 2, kc, 1, 3, 21, np.float32(0.5), a)           # 2 tiles of 8, 2 left over
+    A._qk_1x4(qh, 2, kc, 1, 3, 21, np.float32(0.5), b)
+    A._qk_1x4(qh, 3, kc, 1, 3, 21, np.float32(0.5), b)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert not a[:2].any() and not a[:, :3].any()                  # nothing outside its rows
+    asm = asm_of(A._qk_pairs, qh, 2, kc, 1, 3, 21, np.float32(0.5), a)
+    assert re.search(r"\bvcvtph2ps\b[^\n]*%[yz]mm", asm)
+    assert len(re.findall(r"\bvfmadd\w*ps\b[^\n]*%[yz]mm", asm)) >= 16
+
+
+_AVX2_CHECK = """
+import numpy as np
+from cpuinfer import attention as A
+assert not A.HAVE_QK_2X8
+rng = np.random.default_rng(0)
+for nh, nkv, hd in ((8, 2, 16), (9, 1, 40)):
+    kc = rng.standard_normal((70, nkv, hd)).astype(np.float16).view(np.uint16)
+    q = rng.standard_normal((2, nh, hd)).astype(np.float32)
+    out = np.zeros((2, nh, hd), np.float32)
+    A.attention(q, kc, kc, 68, np.float32(0.3), np.zeros((nh, 70), np.float32),
+                np.zeros((nh, hd), np.float32), out)
+    want = A.attention_reference(q, kc, kc, 68, 0.3, hd)
+    assert np.abs(out - want).max() <= 2e-3 * np.abs(want).max()
+print("OK")
+"""
+
+
+def test_numba_tiles_on_an_avx2_only_cpu(tmp_path):
+    """Without AVX-512 the numba tiles run (a separate process: numba's target is per process)."""
+    run_for_avx2_only(_AVX2_CHECK, tmp_path)

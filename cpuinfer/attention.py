@@ -44,7 +44,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from quant.avx2 import host_has
+from quant.avx2 import _F32, _I8, _I16, _I32, _fn, _load, _splat, host_has
 from quant.base import bits_to_f32, f32_to_half_bits, half_bits_to_f32
 from quant.jit import fast_kernel, fast_parallel_kernel, num_threads
 from quant.kernels import schedule_block
@@ -78,9 +78,8 @@ def exp_neg(x):
     return j * k + k
 
 
-_F32 = ir.FloatType()
-_V8F32, _V8I32 = ir.VectorType(_F32, 8), ir.VectorType(ir.IntType(32), 8)
-_V8HALF_BITS, _V8HALF = ir.VectorType(ir.IntType(16), 8), ir.VectorType(ir.HalfType(), 8)
+_V8F32, _V8I32 = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8)
+_V8HALF_BITS, _V8HALF = ir.VectorType(_I16, 8), ir.VectorType(ir.HalfType(), 8)
 
 HAVE_QK_2X8 = host_has("avx512f", "f16c")
 """Whether :func:`_qk_block` runs head pairs through :func:`_qk_2x8` (head size a multiple of 8,
@@ -120,37 +119,33 @@ def _qk_2x8(typingctx, qh, h, k_cache, kvh, j, scale, sc):
         def c(v):
             return ir.Constant(intp, v)
 
+        def byte_ptr(arr):
+            return builder.bitcast(arr.data, _I8.as_pointer())
+
         hd = cgutils.unpack_tuple(builder, q.shape, 2)[1]
         q_row = cgutils.unpack_tuple(builder, q.strides, 2)[0]
         s_row = cgutils.unpack_tuple(builder, s.strides, 2)[0]
         k_pos, k_head, _ = cgutils.unpack_tuple(builder, k.strides, 3)
-        k0 = builder.add(builder.ptrtoint(k.data, intp),
-                         builder.add(builder.mul(jv, k_pos), builder.mul(kvh_v, k_head)))
+        k0 = builder.add(builder.mul(jv, k_pos), builder.mul(kvh_v, k_head))   # byte offsets
         k_rows = [builder.add(k0, builder.mul(c(r), k_pos)) for r in range(8)]
-        q_rows = [builder.add(builder.ptrtoint(q.data, intp), builder.mul(builder.add(hv, c(x)), q_row))
-                  for x in range(2)]
+        q_rows = [builder.mul(builder.add(hv, c(x)), q_row) for x in range(2)]
+        qb, kb, sb = byte_ptr(q), byte_ptr(k), byte_ptr(s)
         zero = ir.Constant(_V8F32, [0.0] * 8)
         acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(8)] for _ in range(2)]
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32] * 3),
-                                             "llvm.fma.v8f32")
+        fma = _fn(builder, "llvm.fma.v8f32", _V8F32, [_V8F32] * 3)
         with cgutils.for_range(builder, builder.udiv(hd, c(8))) as loop:
             i = builder.mul(loop.index, c(8))
-            qs = [builder.load(builder.inttoptr(builder.add(r, builder.mul(i, c(4))), _V8F32.as_pointer()),
-                               align=4) for r in q_rows]
+            qs = [_load(builder, qb, builder.add(r, builder.mul(i, c(4))), _V8F32) for r in q_rows]
             for r in range(8):
-                bits = builder.load(builder.inttoptr(builder.add(k_rows[r], builder.mul(i, c(2))),
-                                                     _V8HALF_BITS.as_pointer()), align=2)
+                bits = _load(builder, kb, builder.add(k_rows[r], builder.mul(i, c(2))), _V8HALF_BITS)
                 kf = builder.fpext(builder.bitcast(bits, _V8HALF), _V8F32)
                 for x in range(2):
                     builder.store(builder.call(fma, [qs[x], kf, builder.load(acc[x][r])]), acc[x][r])
-        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(_V8F32, ir.Undefined), scale_v,
-                                                              ir.Constant(ir.IntType(32), 0)),
-                                       ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
+        splat = _splat(builder, scale_v, _V8F32)
         for x in range(2):
             tot = builder.fmul(_sum_8_vectors(builder, [builder.load(a) for a in acc[x]]), splat)
-            dst = builder.add(builder.ptrtoint(s.data, intp),
-                              builder.add(builder.mul(builder.add(hv, c(x)), s_row), builder.mul(jv, c(4))))
-            builder.store(tot, builder.inttoptr(dst, _V8F32.as_pointer()), align=4)
+            dst = builder.add(builder.mul(builder.add(hv, c(x)), s_row), builder.mul(jv, c(4)))
+            builder.store(tot, builder.bitcast(builder.gep(sb, [dst]), _V8F32.as_pointer()), align=1)
         return context.get_dummy_value()
 
     ok = (isinstance(qh, types.Array) and qh.ndim == 2 and qh.dtype == types.float32
@@ -301,13 +296,19 @@ def _softmax_half(s, n_keys):
 
 
 @fast_kernel
+def _kv_span(a, h1, group):
+    """(K/V head of query head a, end of that K/V head's query heads within a..h1)."""
+    kvh = a // group
+    return kvh, min(h1, (kvh + 1) * group)
+
+
+@fast_kernel
 def _qk_block(qh, k_cache, h0, h1, group, j0, j1, scale, scores):
     """Scores of heads h0 <= h < h1 for positions j0 <= j < j1, the heads of one K/V head at a
     time (head pairs where :data:`HAVE_QK_2X8`, else 4-head tiles; then single heads)."""
     a = h0
     while a < h1:
-        kvh = a // group
-        b = min(h1, (kvh + 1) * group)
+        kvh, b = _kv_span(a, h1, group)
         h = a
         if HAVE_QK_2X8 and qh.shape[1] % 8 == 0 and qh.shape[1] <= QK_2X8_MAX_DIMS:
             while h + 2 <= b:
@@ -327,8 +328,7 @@ def _pv_block(scores, v_cache, h0, h1, group, j0, j1, out):
     :func:`_qk_block` walks them."""
     a = h0
     while a < h1:
-        kvh = a // group
-        b = min(h1, (kvh + 1) * group)
+        kvh, b = _kv_span(a, h1, group)
         h = a
         while h + 4 <= b:
             _pv_4x4(scores, h, v_cache, kvh, j0, j1, out)

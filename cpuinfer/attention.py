@@ -36,8 +36,6 @@ never copied. The exponential is ggml's ``ggml_v_expf`` polynomial (vectorized l
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
@@ -45,38 +43,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from quant.avx2 import _F32, _I8, _I16, _I32, _fn, _load, _splat, host_has
-from quant.base import bits_to_f32, f32_to_half_bits, half_bits_to_f32
+from quant.base import f32_to_half_bits, half_bits_to_f32
 from quant.jit import fast_kernel, fast_parallel_kernel, num_threads
 from quant.kernels import schedule_block
 
+from .ops import v_expf
+
 POS_BLOCK = 64     # positions per pass over a thread's heads (their K/V rows stay in L1/L2)
-
-# ggml_v_expf's constants (ggml-cpu/vec.h): e^x = 2^n · (1 + p(b)), b = x − n·ln 2
-_LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
-_LN2_HI = np.float32(float.fromhex("0x1.62e4p-1"))
-_LN2_LO = np.float32(float.fromhex("0x1.7f7d1cp-20"))
-_C1 = np.float32(float.fromhex("0x1.ffffecp-1"))
-_C2 = np.float32(float.fromhex("0x1.fffdb6p-2"))
-_C3 = np.float32(float.fromhex("0x1.555e66p-3"))
-_C4 = np.float32(float.fromhex("0x1.573e2ep-5"))
-_C5 = np.float32(float.fromhex("0x1.0e4020p-7"))
-_EXP_MIN = np.float32(-87.0)       # below: e^x < 2^-125, 0 after the f16 rounding of p anyway
-
-
-@fast_kernel
-def exp_neg(x):
-    """e^x for float32 x <= 0 (x < −87 gives e^−87), relative error below 5e-7, in float ops LLVM vectorizes
-    (``ggml_v_expf``'s range reduction and polynomial; n is rounded with floor, not a magic
-    constant, which fast-math reassociation would fold away)."""
-    x = max(x, _EXP_MIN)
-    n = np.float32(math.floor(x * _LOG2E + np.float32(0.5)))
-    b = x - n * _LN2_HI - n * _LN2_LO
-    k = bits_to_f32((np.int32(n) + np.int32(127)) << np.int32(23))       # 2^n
-    u = b * b
-    j = (_C5 * b + _C4) * u + (_C3 * b + _C2)
-    j = j * u + _C1 * b
-    return j * k + k
-
 
 _V8F32, _V8I32 = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8)
 _V8HALF_BITS, _V8HALF = ir.VectorType(_I16, 8), ir.VectorType(ir.HalfType(), 8)
@@ -287,7 +260,7 @@ def _softmax_half(s, n_keys):
         mx = max(mx, s[j])
     total = 0.0
     for j in range(n_keys):
-        e = exp_neg(s[j] - mx)
+        e = v_expf(s[j] - mx)
         s[j] = e
         total += np.float64(e)
     inv = np.float32(1.0 / total)

@@ -6,7 +6,9 @@ and ``cache=True`` is never forgotten:
 * :data:`kernel` — serial, GIL-free helper or kernel (dot products, row dequantizers).
 * :data:`fast_kernel` — like :data:`kernel`, plus the float-reassociation and FMA-contraction
   flags that let LLVM vectorize float reductions (results differ from a strict left-to-right sum
-  only by rounding; the tests use tolerances).
+  only by rounding; the tests use tolerances), and numpy's error model: a division is the IEEE
+  one, without the Python model's branch that raises on a zero divisor, which otherwise keeps
+  any loop that divides from being vectorized (SiLU's ``g / (1 + e^−g)``).
 * :data:`parallel_kernel` — a driver with ``numba.prange`` loops.
 * :data:`inline_kernel` — a helper inlined into its callers' numba IR, so it is not a function
   of its own: for small pieces that call the mat-mul drivers. numba links a callee's LLVM module
@@ -94,9 +96,9 @@ if _ProjectCacheLocator not in _CacheImpl._locator_classes:
 _FAST = {"contract", "reassoc", "nsz", "arcp"}  # numba wants a set (not frozenset)
 
 kernel = njit(cache=True, nogil=True)
-fast_kernel = njit(cache=True, nogil=True, fastmath=_FAST)
+fast_kernel = njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")
 parallel_kernel = njit(cache=True, nogil=True, parallel=True)
-fast_parallel_kernel = njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
+fast_parallel_kernel = njit(cache=True, nogil=True, parallel=True, fastmath=_FAST, error_model="numpy")
 inline_kernel = njit(cache=True, nogil=True, inline="always")
 
 

@@ -198,6 +198,7 @@ def test_repacked_load_holds_the_weights_once(smollm2_path):
 
 
 NEAR_TIE = 0.1   # logits: where llama.cpp's greedy token trails ours by less, f16 roundings decide
+KL_ROW_KERNELS = 7.5e-3   # prompt KL to llama.cpp; one-ulp changes move it 4.6e-3 .. 6.2e-3
 
 
 def test_smollm2_matches_llama_cpp(smollm2_path):
@@ -205,16 +206,19 @@ def test_smollm2_matches_llama_cpp(smollm2_path):
 
     Both runtimes round the KV cache and the attention probabilities to f16, so a different
     (equally exact) summation order moves single logits by up to ~2 against llama.cpp's on this
-    prompt (KL 4.7e-3 either way): where llama.cpp's token and ours are within NEAR_TIE of each
-    other the greedy paths may part. The row kernels with the AVX-512 attention tile part at the
-    10th token (llama.cpp's token 0.08 below ours), the numba tiles never."""
+    prompt: where llama.cpp's token and ours are within NEAR_TIE of each other the greedy paths
+    may part. The row kernels with the AVX-512 attention tile and ggml's SiLU polynomial part at
+    the 10th token (llama.cpp's token 0.019 below ours; with libm's exp at the 20th, 0.08). The prompt's KL moves as much: scaling SiLU's
+    output by 1 ± 1e-7 (one float32 ulp) measured 4.6e-3 to 6.2e-3 here (libm's exp 4.7e-3,
+    ggml's polynomial 5.7e-3), hence KL_ROW_KERNELS; position 26 is a near-tie (0.01-0.1) that
+    such a scaling flips."""
     ref = json.loads((DATA / "smollm2" / "reference.json").read_text())
     m = cpuinfer.load(smollm2_path, repack=False)
     ids = m.tokenize(ref["prompt"], special=True)
     assert ids == ref["prompt_ids"]
     lref = np.load(DATA / "smollm2" / "llamacpp_prompt_logits_f16.npy").astype(np.float32)
     kl, top1 = kl_top1(lref, m.logits(ids))
-    assert kl <= 5e-3 and top1 >= 0.95
+    assert kl <= KL_ROW_KERNELS and top1 >= 0.95
     want = ref["greedy_ids"]
     out = list(m.generate_ids(ids, max_tokens=len(want), temperature=0))
     if out != want:

@@ -16,7 +16,7 @@ compiled call::
     dot_rows(qtype, w, r0, r1, x, out)         # serial pieces of the above, for fused kernels
     idot_rows(qtype, w, r0, r1, xq, xd, xs, out)    # 2-D tables: all tokens
     idot_rows_k(qtype, w, r0, r1, xq, xd, xb, out)
-    act_tables(scratch, n, k) / quantize_act_q8(x, xq, xd, xs)
+    act_tables(scratch, n, k) / quantize_act_q8(x, xq, xd, xs)    # (quant.acts)
     act_tables_k(scratch, n, k) / quantize_act_q8k(x, xq, xd, xb)
 
 The legacy block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) multiply with int8 activations: each
@@ -55,9 +55,10 @@ from numba import prange
 from cpuinfer.gguf import GGMLType
 
 from . import avx2, avx512, avx512_kquants, floats, interleaved, kquants, legacy
+from .acts import quantize_act_q8, quantize_act_q8k
 from .jit import inline_kernel, kernel, num_threads, parallel_kernel
-from .kquants import QK_K, quantize_act_q8k
-from .legacy import QK, quantize_act_q8
+from .kquants import QK_K
+from .legacy import QK
 
 # Int8-activation row work: tiles of 4 rows × 4 tokens (quant.avx512, quant.avx512_kquants) where
 # the CPU has AVX2 (Q8_0's tile only with AVX-512 VNNI), else row dots: AVX2 (vpmaddubsw) for the

@@ -95,3 +95,16 @@ def test_swiglu_and_norm_sum_are_vectorized():
     asm = asm_of(ops._sum_squares, g)
     assert re.search(r"\bvaddpd\b[^\n]*%[yz]mm", asm), "sum of squares not packed"
 
+
+def test_token_ops_tool(capsys):
+    """tools.token_ops: one row per op and the per-token totals; a bad shape is a one-line error."""
+    from tools import token_ops
+    assert token_ops.main(["--shape", "qwen2-1.5b"]) == 0
+    out = capsys.readouterr().out
+    rows = [r for r in out.splitlines() if r.startswith("| ") and not r.startswith("| op")]
+    assert len(rows) == 8 and rows[2].startswith("| swiglu 8960 |")
+    assert all(float(r.split("|")[2]) > 0 for r in rows)
+    assert "total with Q8_K activations:" in out
+    assert token_ops.main(["--shape", "deepseek-r1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown or not dense shape 'deepseek-r1'") and err.count("\n") == 1

@@ -100,7 +100,7 @@ def test_compile_time_reports_wall_time_and_functions(capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "missing.gguf" in err[0]
 
 
-def test_token_profile_splits_a_dense_token_and_refuses_moe(capsys):
+def test_token_profile_splits_a_dense_token_and_refuses_qwen3moe(capsys):
     """tools.token_profile: every matrix role and the output head listed with their bytes'
     GB/s, the matmul pass no longer than what it adds up to; MoE files get one error line."""
     from tools import token_profile
@@ -116,6 +116,26 @@ def test_token_profile_splits_a_dense_token_and_refuses_moe(capsys):
     assert token_profile.main([str(TINY / "qwen3moe" / "qwen3moe-Q8_0.gguf")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "dense llama family" in err and "qwen3moe" in err
+
+
+def test_token_profile_splits_a_deepseek_token(capsys):
+    """deepseek2: the MLA products (per-head k_b / v_b stacks as one call), the dense FFN, the
+    router, n_used routed experts and the shared experts, each role with its GB/s."""
+    from tools import token_profile
+    path = TINY / "deepseek3" / "deepseek3-Q4_0.gguf"
+    assert token_profile.main([str(path), "--tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    for role in ("w_in", "wq_b", "wk_b", "wv_b", "wo", "w_gate_up", "w_down", "router",
+                 "exp_gate", "exp_up", "exp_down", "sh_gate_up", "sh_down", "output"):
+        assert f"  {role} " in out
+    m = cpuinfer.load(path)
+    w = m.family.weights
+    n_head, n_used = w.layers[0].wk_b.raw.shape[0], w.n_used
+    assert f"{n_head} x " in out.split("  wk_b ")[1].splitlines()[0]
+    assert f"{n_used} x " in out.split("  exp_gate ")[1].splitlines()[0]
+    total = float(out.split("matmuls alone")[1].split("ms")[0])
+    parts = [float(line.split()[1]) for line in out.splitlines() if line.startswith("  ")]
+    assert abs(sum(parts) - total) <= 0.05 * (len(parts) + 1)
 
 
 @pytest.mark.skipif(not quant.interleaved.HAVE_X8, reason="no AVX2: nothing is interleaved")

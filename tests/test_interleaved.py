@@ -203,10 +203,12 @@ def test_kernels_give_the_documented_arithmetic_bit_for_bit(t):
     """Decode (1 token: TILE_GROUPS' groups a fraction of the run apart, then the odd groups;
     the narrow count below WIDE_K values per row, the wide one from there), prompt tiles (4
     tokens through one group, then singles), token blocks of 16, 1 and 2 threads, row counts
-    that leave odd groups per thread."""
+    that leave odd groups per thread; runs shorter than MIN_STREAM_BYTES per stream as one
+    stream (264 x 576: the legacy formats' ~85-160 KB take both paths over the thread counts)."""
     assert _k(GGMLType.Q4_K, 1024) >= il.WIDE_K > _k(GGMLType.Q4_K, 576)
+    assert 264 * quant.row_bytes(GGMLType.Q4_0, 576) >= 2 * il.MIN_STREAM_BYTES
     rng = np.random.default_rng(2)
-    for rows, k in ((8, 32), (24, 64), (56, 96), (136, 576), (24, 1024), (200, 0)):
+    for rows, k in ((8, 32), (24, 64), (56, 96), (136, 576), (264, 576), (24, 1024), (200, 0)):
         k = _k(t, k) if k else il.WIDE_K                # the last two: rows >= WIDE_K
         w = random_matrix(rng, t, rows, k)
         p, code = quant.pack(w, t)

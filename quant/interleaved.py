@@ -845,8 +845,10 @@ several: a run shorter than that many bytes per stream is one stream. DeepSeek's
 ``wk_b``/``wv_b`` products are 128 runs of 36 KB, one per head, back to back in memory; two
 18 KB streams per head restart the hardware prefetcher twice per head, one stream runs on into
 the next head: 12.2 -> 16.5 GB/s (wk_b) and 11.6 -> 15.0 (wv_b) from DRAM on one Zen 4 core (a
-timing loop over 24 copies of a V3 Q4_0 stack, 113 MB), the same bits. A thread's run of any
-other matrix of the models here is hundreds of KB or more, even at 16 threads."""
+timing loop over 24 copies of a V3 Q4_0 stack, 113 MB), the same bits. A thread's run of the
+other 7B and DeepSeek matrices is hundreds of KB or more even at 16 threads; a small model's
+small matrices at many threads (SmolLM2's q/k/v: 21 KB per thread at 16) now take one stream
+too (not measured there)."""
 
 
 def _rows_codegen(base, tile_groups=None, tile_tokens=TILE_TOKENS):

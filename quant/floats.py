@@ -54,6 +54,34 @@ def _dot_f32(row, x):
     return acc
 
 
+@fast_kernel
+def _dot4_f32(ra, rb, rc, rd, x):
+    """Four rows' :func:`_dot_f32` in one pass over ``x``: four sequential streams in flight."""
+    wa, wb, wc, wd = ra.view(np.float32), rb.view(np.float32), rc.view(np.float32), rd.view(np.float32)
+    a = b = c = d = np.float32(0.0)
+    for i in range(x.shape[0]):
+        xi = x[i]
+        a += wa[i] * xi
+        b += wb[i] * xi
+        c += wc[i] * xi
+        d += wd[i] * xi
+    return a, b, c, d
+
+
+@fast_kernel
+def dot_rows_f32(w, r0, r1, x, out):
+    """``out[r] = W[r] · x`` for rows ``r0 <= r < r1``: four rows a quarter of the run apart at a
+    time (one core streaming from DRAM needs several streams in flight, as
+    :data:`quant.interleaved.TILE_GROUPS`), then the rest one by one."""
+    q = (r1 - r0) // 4
+    for i in range(q):
+        r = r0 + i
+        out[r], out[r + q], out[r + 2 * q], out[r + 3 * q] = _dot4_f32(w[r], w[r + q], w[r + 2 * q],
+                                                                       w[r + 3 * q], x)
+    for r in range(r0 + 4 * q, r1):
+        out[r] = _dot_f32(w[r], x)
+
+
 @kernel
 def _dequant_row_f16(row, out):
     h = row.view(np.uint16)

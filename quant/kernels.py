@@ -139,8 +139,7 @@ def dot_rows(qtype, w, r0, r1, x, out):
     The switch sits outside the row loop, so it costs once per run of rows, not per row.
     """
     if qtype == _F32:
-        for r in range(r0, r1):
-            out[r] = floats._dot_f32(w[r], x)
+        floats.dot_rows_f32(w, r0, r1, x, out)
     elif qtype == _F16:
         for r in range(r0, r1):
             out[r] = floats._dot_f16(w[r], x)
@@ -428,6 +427,9 @@ def mul_chunks(qtype, w, c0, c1, x, out, scratch):
         for t0 in range(0, n, TOKEN_BLOCK):
             t1 = min(n, t0 + TOKEN_BLOCK)
             krows_tiled(qtype, w, r0, r1, kq[t0:t1], kd[t0:t1], kb[t0:t1], out[t0:t1])
+        return
+    if n == 1 and not q8k:              # one token: the thread's whole run in one pass
+        dot_rows(qtype, w, r0, r1, x[0], out[0])
         return
     for c in range(c0, c1):
         a = c * ROW_TILE

@@ -25,11 +25,12 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .avx2 import _F32, _I8, _I32, _fn, _load, isum
+from .avx2 import _F32, _I8, _I32, _fn, _load, _splat, isum
 from .base import f32_to_half_bits, half_bits_to_f32
 from .jit import kernel
 from .kquants import QK_K, quantize_act_q8k as _q8k_reference
 from .legacy import QK, quantize_act_q8 as _q8_reference
+
 
 def _values(context, builder, arr_t, arr, j, n):
     """The ``n`` float32 values ``arr[j:j+n]`` of a 1-D array with unit stride, as one vector."""
@@ -74,10 +75,8 @@ def _round_intrinsic(n):
     def codegen(context, builder, sig, args):
         v = _values(context, builder, sig.args[0], args[0], args[2], n)
         s = context.cast(builder, args[3], sig.args[3], types.float32)
-        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vn, ir.Undefined), s,
-                                                              ir.Constant(_I32, 0)),
-                                       ir.Constant(vn, ir.Undefined), ir.Constant(vi, [0] * n))
-        r = builder.call(_fn(builder, f"llvm.rint.v{n}f32", vn, [vn]), [builder.fmul(v, splat)])
+        r = builder.call(_fn(builder, f"llvm.rint.v{n}f32", vn, [vn]),
+                         [builder.fmul(v, _splat(builder, s, vn))])
         r = builder.call(_fn(builder, f"llvm.minnum.v{n}f32", vn, [vn, vn]),
                          [r, ir.Constant(vn, [127.0] * n)])
         q = builder.fptosi(r, vi)

@@ -25,7 +25,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .avx2 import _F32, _I8, _I32, _fn, _load, _splat, isum
+from .avx2 import _F32, _I8, _I32, _fn, _load, _splat, isum, reduce_halves
 from .base import f32_to_half_bits, half_bits_to_f32
 from .jit import kernel
 from .kquants import QK_K, quantize_act_q8k as _q8k_reference
@@ -50,15 +50,11 @@ def _absmax_intrinsic(n):
     def codegen(context, builder, sig, args):
         v = builder.call(_fn(builder, f"llvm.fabs.v{n}f32", vn, [vn]),
                          [_values(context, builder, sig.args[0], args[0], args[1], n)])
-        width = n
-        while width > 1:
-            width //= 2
-            vt = ir.VectorType(_F32, width)
-            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, width), list(range(width))))
-            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, width),
-                                                          list(range(width, 2 * width))))
-            v = builder.call(_fn(builder, f"llvm.maxnum.v{width}f32", vt, [vt, vt]), [lo, hi])
-        return builder.extract_element(v, ir.Constant(_I32, 0))
+
+        def maxnum(lo, hi):
+            vt = lo.type
+            return builder.call(_fn(builder, f"llvm.maxnum.v{vt.count}f32", vt, [vt, vt]), [lo, hi])
+        return reduce_halves(builder, v, n, maxnum)
 
     def typer(typingctx, x, j):
         if _is_row(x, types.float32) and isinstance(j, types.Integer):
@@ -114,11 +110,12 @@ def quantize_act_q8(x, xq, xd, xs, exact_sums=False):
         # as ggml's quantize_row_q8_0: id = 127/max, round half to even, scale kept as f16
         inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
         s = _round32(x, xq, j, inv)
-        xd[b] = half_bits_to_f32(f32_to_half_bits(amax / np.float32(127.0)))
+        d = amax / np.float32(127.0)
+        xd[b] = half_bits_to_f32(f32_to_half_bits(d))
         if exact_sums:
             xs[b] = np.float32(s)
         else:   # ggml's q8_1 sum: f16(d · Σq), d unrounded
-            xs[b] = half_bits_to_f32(f32_to_half_bits(amax / np.float32(127.0) * np.float32(s)))
+            xs[b] = half_bits_to_f32(f32_to_half_bits(d * np.float32(s)))
 
 
 @kernel

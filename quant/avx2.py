@@ -78,14 +78,20 @@ def _splat(builder, value, vtype):
                                                             [0] * vtype.count))
 
 
+def reduce_halves(builder, v, n, combine):
+    """Lane 0 of the first ``n`` (a power of two) lanes of ``v`` folded as a tree: the upper half
+    combined onto the lower, log2 n times (``combine(lo, hi)`` on vectors of n/2, n/4, ... lanes)."""
+    while n > 1:
+        n //= 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
+        v = combine(lo, hi)
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
 def _hsum8(builder, v):
     """Sum of 8 float lanes as a tree (3 dependent adds instead of 8)."""
-    for width in (4, 2, 1):
-        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, width), list(range(width))))
-        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, width),
-                                                      list(range(width, 2 * width))))
-        v = builder.fadd(lo, hi)
-    return builder.extract_element(v, ir.Constant(_I32, 0))
+    return reduce_halves(builder, v, 8, builder.fadd)
 
 
 def host_has(*features: str) -> bool:
@@ -211,12 +217,7 @@ def _bsplat(builder, byte, vtype):
 def isum(builder, v, n):
     """Sum of the first ``n`` (a power of two) int32 lanes of ``v``: exact, so the order is free;
     a shuffle tree (log2 n adds)."""
-    while n > 1:
-        n //= 2
-        lo = ir.Constant(ir.VectorType(_I32, n), list(range(n)))
-        hi = ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n)))
-        v = builder.add(builder.shuffle_vector(v, v, lo), builder.shuffle_vector(v, v, hi))
-    return builder.extract_element(v, ir.Constant(_I32, 0))
+    return reduce_halves(builder, v, n, builder.add)
 
 
 def k4_scales_mins(builder, w_ptr, at):

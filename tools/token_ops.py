@@ -24,7 +24,8 @@ from tools.shapes import PRESETS
 
 
 def _ops(spec, rng):
-    """(name, calls per layer, zero-argument callable) for one token of ``spec``'s shape."""
+    """(name, calls per layer, zero-argument callable, activation tables or None: "Q8" / "Q8_K"
+    for the quantization a file of that family runs) for one token of ``spec``'s shape."""
     d, ff, hd = spec.hidden, spec.ffn, spec.head_dim
     f32 = np.float32
     x = rng.standard_normal((1, d)).astype(f32)
@@ -42,15 +43,14 @@ def _ops(spec, rng):
         return lambda: prepare_acts(int(ggml_type), v, scratch, 0)
 
     return [
-        (f"rmsnorm {d}", 2, lambda: ops.rmsnorm_serial(x, w, np.float32(1e-5), out)),
+        (f"rmsnorm {d}", 2, lambda: ops.rmsnorm_serial(x, w, np.float32(1e-5), out), None),
         (f"rope q+k {spec.n_head}+{spec.n_head_kv} x {hd}", 1,
-         lambda: (ops.rope_serial(q, cos, sin, 5, True), ops.rope_serial(k, cos, sin, 5, True))),
-        (f"swiglu {ff}", 1, lambda: ops.swiglu_serial(gu, gu, ff, hidden)),
-        (f"residual add {d}", 2, lambda: ops.add_into(out, x)),
-        (f"quantize Q8 {d}", 3, quantize(GGMLType.Q4_0, d)),
-        (f"quantize Q8 {ff}", 1, quantize(GGMLType.Q4_0, ff)),
-        (f"quantize Q8_K {d}", 3, quantize(GGMLType.Q4_K, d)),
-        (f"quantize Q8_K {ff}", 1, quantize(GGMLType.Q4_K, ff)),
+         lambda: (ops.rope_serial(q, cos, sin, 5, True), ops.rope_serial(k, cos, sin, 5, True)), None),
+        (f"swiglu {ff}", 1, lambda: ops.swiglu_serial(gu, gu, ff, hidden), None),
+        (f"residual add {d}", 2, lambda: ops.add_into(out, x), None),
+        *[(f"quantize {acts} {n}", calls, quantize(t, n), acts)
+          for acts, t in (("Q8", GGMLType.Q4_0), ("Q8_K", GGMLType.Q4_K))
+          for n, calls in ((d, 3), (ff, 1))],
     ]
 
 
@@ -66,16 +66,16 @@ def main(argv=None) -> int:
     except CpuinferError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    rows = [(name, calls, _time(fn, 0.3) * 1e6) for name, calls, fn in _ops(spec, np.random.default_rng(0))]
+    rows = [(name, calls, _time(fn, 0.3) * 1e6, acts)
+            for name, calls, fn, acts in _ops(spec, np.random.default_rng(0))]
     print(f"{spec.title}: {spec.n_layer} layers, one token, one core")
     print("| op | µs per call | calls per layer | ms per token |")
     print("|---|---|---|---|")
-    for name, calls, us in rows:
+    for name, calls, us, _ in rows:
         print(f"| {name} | {us:.1f} | {calls} | {us * calls * spec.n_layer / 1e3:.2f} |")
-    common = sum(us * calls for name, calls, us in rows if not name.startswith("quantize"))
     for fmt in ("Q8", "Q8_K"):
-        quant_us = sum(us * calls for name, calls, us in rows if name.startswith(f"quantize {fmt} "))
-        print(f"total with {fmt} activations: {(common + quant_us) * spec.n_layer / 1e3:.2f} ms per token")
+        per_layer = sum(us * calls for _, calls, us, acts in rows if acts in (None, fmt))
+        print(f"total with {fmt} activations: {per_layer * spec.n_layer / 1e3:.2f} ms per token")
     return 0
 
 

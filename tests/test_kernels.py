@@ -243,6 +243,15 @@ def test_portable_hot_dots_are_vectorized(name):
     assert _VECTOR_OP.search(asm), f"_idot_{name}: no packed integer multiply-add on ymm/zmm"
 
 
+@pytest.mark.skipif(not avx2.HAVE_AVX2, reason="needs AVX2 (compile target)")
+def test_f32_four_row_dot_is_vectorized():
+    """The one-token F32 product (DeepSeek's routers) runs four rows in packed multiply-adds."""
+    from quant import floats
+    row = np.zeros(256, np.uint8)
+    asm = asm_of(floats._dot4_f32, row, row, row, row, np.ones(64, np.float32))
+    assert re.search(r"\bvfmadd\w*ps\b[^\n]*%[yz]mm", asm), "_dot4_f32: no packed multiply-add"
+
+
 @pytest.mark.skipif(not avx2.HAVE_AVX2, reason="needs AVX2")
 @pytest.mark.parametrize("name", list(HOT))
 def test_avx2_hot_dots_use_byte_multiply_add(name):

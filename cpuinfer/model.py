@@ -266,6 +266,6 @@ def load(path: str | os.PathLike, threads: int | None = None, n_ctx: int | None 
     ``numa`` (``auto``, ``off``, ``interleave``, ``distribute``, ``isolate[:NODE]`` or a
     :class:`numa.plan.NumaSpec`) places them on several NUMA nodes; ``auto`` = ``distribute``
     when this process can run on more than one node, else nothing at all. See the README, section NUMA.
-    ``repack`` (default on, as llama.cpp's CPU repacking) copies Q4_0/Q4_1/Q8_0/Q2_K..Q6_K matrices into an
+    ``repack`` (default on, as llama.cpp's CPU repacking) copies Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K..Q6_K matrices into an
     8-row interleaved layout at load where the CPU has AVX2 (README, section Speed)."""
     return Model(path, threads=threads, n_ctx=n_ctx, numa=numa, repack=repack)

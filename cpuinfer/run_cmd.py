@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--numa", default="auto", metavar="POLICY",
                    help="NUMA placement: auto, off, interleave, distribute, isolate[:NODE] (default auto)")
     p.add_argument("--no-repack", action="store_true",
-                   help="compute from the file's row order (default: Q4_0/Q4_1/Q8_0/Q2_K..Q6_K "
+                   help="compute from the file's row order (default: Q4_0..Q5_1/Q8_0/Q2_K..Q6_K "
                         "matrices are copied 8 rows interleaved at load, for speed)")
     p.add_argument("--hide-think", action="store_true", help="hide <think>…</think> reasoning")
     p.add_argument("--verbose", action="store_true", help="print load details")

@@ -2,7 +2,7 @@
 
 A :class:`QTensor` is a matrix's blocks plus its type; multiplying by it runs the numba kernels of
 :mod:`quant` over them. The blocks are a zero-copy view of the mapped file, except where the
-loader repacks them (Q4_0, Q4_1, Q8_0, Q2_K..Q6_K with rows a multiple of 8, on CPUs with
+loader repacks them (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K with rows a multiple of 8, on CPUs with
 AVX2: 8 rows interleaved, :mod:`quant.interleaved`, like llama.cpp's CPU repacking — a one-time copy at load
 that streams at memory speed on one core where the GGUF row order does not) or a NUMA placement
 copies them to their nodes (:mod:`numa.placement`).

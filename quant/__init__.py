@@ -15,8 +15,8 @@ Public API (all validation raises :class:`cpuinfer.errors.CpuinferError` with a 
     pack(raw uint8[..., rows, row_bytes], ggml_type, out=None) -> (packed, PackedType)
 
 ``matmul`` and ``get_rows`` take a GGUF type, or a :class:`PackedType` for rows that
-:func:`pack` interleaved 8 at a time (:mod:`quant.interleaved`: Q4_0, Q4_1, Q8_0, Q2_K..Q6_K
-where the CPU has AVX2; same byte count, a different order).
+:func:`pack` interleaved 8 at a time (:mod:`quant.interleaved`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+Q2_K..Q6_K where the CPU has AVX2; same byte count, a different order).
 
 Formats live one family per module: :mod:`quant.floats` (F32, F16, BF16), :mod:`quant.legacy`
 (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), :mod:`quant.kquants` (Q2_K..Q6_K). The compiled drivers, callable

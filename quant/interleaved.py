@@ -1,4 +1,4 @@
-"""Weights repacked at load 8 rows interleaved (``_X8``): Q4_0, Q4_1, Q8_0, Q2_K..Q6_K.
+"""Weights repacked at load 8 rows interleaved (``_X8``): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K.
 
 A GGUF row keeps its blocks back to back, so a row dot has to reduce each block's 8 int32 lanes
 to one number and splat per-row scales — about as much work per block as the multiply itself,
@@ -17,6 +17,9 @@ its blocks ``b = 0 .. nb − 1`` one after the other, ``8 · type_size`` bytes e
                       qs[16:144] = chunk c (c = 0..3) at 16 + 32c:
                                    row i's qs[4c : 4c + 4] at 16 + 32c + 4i
     Q4_1  160 bytes = d[0:16] m[16:32] qs[32:160]     (chunks as Q4_0, at 32 + 32c)
+    Q5_0  176 bytes = d[0:16] qh[16:48] qs[48:176]    (row i's 32-bit qh at 16 + 4i; qs
+                                                       chunks as Q4_0, at 48 + 32c)
+    Q5_1  192 bytes = d[0:16] m[16:32] qh[32:64] qs[64:192]
     Q8_0  272 bytes = d[0:16] qs[16:272]              (8 chunks, c = 0..7, at 16 + 32c)
     Q4_K 1152 bytes = d[0:16] dmin[16:32]             (f16 × 8 each)
                       scales[32:128] = row i's 12 scale bytes 4 at a time: [4s : 4s + 4] at
@@ -36,7 +39,9 @@ its blocks ``b = 0 .. nb − 1`` one after the other, ``8 · type_size`` bytes e
 
 so one 32-byte chunk load holds the same 4 quants of every row: for Q4, its low nibbles are
 values ``4c .. 4c + 3`` and its high nibbles values ``16 + 4c .. 16 + 4c + 3`` (GGUF's nibble
-order, :mod:`quant.legacy`); for Q8_0, values ``4c .. 4c + 3``; for Q4_K (``h = c // 8``,
+order, :mod:`quant.legacy`), and for Q5 each byte of a chunk takes its fifth bit from its row's
+qh lane (bit ``4c + b`` for byte ``b``'s low nibble, ``16 + 4c + b`` for its high one: one byte
+shuffle, a mask and a compare); for Q8_0, values ``4c .. 4c + 3``; for Q4_K (``h = c // 8``,
 ``l = c % 8``), low nibbles values ``64h + 4l ..`` of sub-block ``2h``, high nibbles
 ``64h + 32 + 4l ..`` of sub-block ``2h + 1`` (:mod:`quant.kquants`).
 
@@ -44,14 +49,15 @@ Per block ``b`` and token ``t`` (``y_j`` = the int32 of activation bytes ``4j ..
 block, broadcast to 8 lanes)::
 
     p    = Σ_j dot(q_j, y_j)               8 × int32, lane i = row i's exact Σ q · xq
-    P    = float(p) − c · S                Q4_0: c = 8; Q8_0 with VNNI: q = w + 128, c = 128
-                                           (AVX2: q = |w|, y_j · sign(w), c = 0); Q4_1: c = 0
+    P    = float(p) − c · S                Q4_0: c = 8; Q5_0: c = 16; Q8_0 with VNNI: q = w + 128,
+                                           c = 128 (AVX2: q = |w|, y_j · sign(w), c = 0);
+                                           Q4_1, Q5_1: c = 0
     acc  = fma(P, d · xd, acc)             d = the 8 rows' scales, xd = the token's block scale
-    Q4_1 acc_m = fma(m, xs, acc_m)         out[t, 8g : 8g + 8] = acc (+ acc_m)
+    Q4_1/Q5_1 acc_m = fma(m, xs, acc_m)    out[t, 8g : 8g + 8] = acc (+ acc_m)
 
-``S = Σ xq`` of the block is the ``xs`` table for Q4_0/Q8_0 (``quantize_act_q8(...,
-exact_sums=True)``; Q4_1 keeps ggml's rounded ``s``); ``P`` is an integer below 2^24, exact in
-float32.
+``S = Σ xq`` of the block is the ``xs`` table for Q4_0/Q5_0/Q8_0 (``quantize_act_q8(...,
+exact_sums=True)``; Q4_1/Q5_1 keep ggml's rounded ``s``); ``P`` is an integer below 2^24, exact
+in float32.
 So each block adds ``fma(exact integer dot, d · xd)`` as ggml's AVX2 row dots do; they split
 the integer over 8 lanes and sum the lanes at the end, this sums whole blocks — the results
 differ from theirs in float summation order only.
@@ -98,6 +104,8 @@ class PackedType(enum.IntEnum):
     is ``0x100 | base`` so it cannot collide with a :class:`GGMLType`."""
     Q4_0_X8 = 0x100 | GGMLType.Q4_0
     Q4_1_X8 = 0x100 | GGMLType.Q4_1
+    Q5_0_X8 = 0x100 | GGMLType.Q5_0
+    Q5_1_X8 = 0x100 | GGMLType.Q5_1
     Q8_0_X8 = 0x100 | GGMLType.Q8_0
     Q4_K_X8 = 0x100 | GGMLType.Q4_K
     Q6_K_X8 = 0x100 | GGMLType.Q6_K
@@ -138,6 +146,7 @@ _Q6_K_ORDER = (48, 49, 50, 51) + tuple(
 
 
 _Q4_0, _Q4_1, _Q8_0 = GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0
+_Q5_0, _Q5_1 = GGMLType.Q5_0, GGMLType.Q5_1
 _Q2_K, _Q3_K, _Q4_K = GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K
 _Q5_K, _Q6_K = GGMLType.Q5_K, GGMLType.Q6_K
 # Q3_K likewise: its 3 scale chunks, then per half n and h = 0, 1 the hmask chunks 4h .. (first
@@ -147,6 +156,8 @@ _Q3_K_ORDER = (24, 25, 26) + tuple(
     for c in [*(range(4 * h, 4 * h + 4) if n == 0 else ()), *range(8 + 8 * n + 4 * h, 12 + 8 * n + 4 * h)])
 _LAYOUTS = {_Q4_0: _Layout(18, 1, 16),
             _Q4_1: _Layout(20, 2, 16),
+            _Q5_0: _Layout(22, 1, 20),              # qh[4], then 16 quant bytes
+            _Q5_1: _Layout(24, 2, 20),
             _Q8_0: _Layout(34, 1, 32),
             _Q4_K: _Layout(144, 2, 140),            # 12 scale bytes, then 128 quant bytes
             _Q5_K: _Layout(176, 2, 172),            # 12 scale bytes, qh[32], qs[128]
@@ -269,11 +280,15 @@ def _rest_byte(grp, o, i, r, chunk_offset):
 @kernel
 def dequant_row_x8(qtype, w, r, out):
     """Dequantize row ``r`` of interleaved ``w`` [rows, row_bytes] into ``out`` float32[k]."""
-    n_half, chunks = 1, 8
+    n_half, chunks, five, shift = 1, 8, False, 0
     if qtype == PackedType.Q4_0_X8:
-        n_half, chunks = 1, 4
+        n_half, chunks, shift = 1, 4, 8
     elif qtype == PackedType.Q4_1_X8:
         n_half, chunks = 2, 4
+    elif qtype == PackedType.Q5_0_X8:
+        n_half, chunks, five, shift = 1, 4, True, 16
+    elif qtype == PackedType.Q5_1_X8:
+        n_half, chunks, five = 2, 4, True
     g, i = r // GROUP, r % GROUP
     grp = w[g * GROUP:(g + 1) * GROUP].reshape(-1)
     if qtype == PackedType.Q4_K_X8 or qtype == PackedType.Q5_K_X8:
@@ -347,7 +362,8 @@ def dequant_row_x8(qtype, w, r, out):
                             q = (((lo >> (4 * (k >> 1))) & 0xF) | (((hi >> (2 * k)) & 3) << 4)) - 32
                             y[l - 16 * h] = dl * np.float32(q)
         return
-    block = GROUP * (2 * n_half + 4 * chunks)
+    qh_bytes = 4 if five else 0
+    block = GROUP * (2 * n_half + qh_bytes + 4 * chunks)
     for b in range(out.shape[0] // QK):
         o = b * block
         d = load_f16(grp, o + 2 * i)
@@ -359,12 +375,17 @@ def dequant_row_x8(qtype, w, r, out):
                     y[4 * c + j] = d * np.float32(v - 256 if v > 127 else v)
             continue
         m = load_f16(grp, o + 16 + 2 * i) if n_half == 2 else np.float32(0.0)
-        shift = 0 if n_half == 2 else 8
+        qh = np.int64(0)
+        for j in range(qh_bytes):               # Q5: the row's 32-bit qh chunk, little-endian
+            qh |= np.int64(grp[o + 16 * n_half + 4 * i + j]) << (8 * j)
+        qs_at = o + 16 * n_half + 8 * qh_bytes
         for c in range(4):
             for j in range(4):
-                v = np.int32(grp[o + 16 * n_half + 32 * c + 4 * i + j])
-                y[4 * c + j] = d * np.float32((v & 15) - shift) + m
-                y[16 + 4 * c + j] = d * np.float32((v >> 4) - shift) + m
+                v = np.int32(grp[qs_at + 32 * c + 4 * i + j])
+                lo = (v & 15) | np.int32(((qh >> (4 * c + j)) & 1) << 4)
+                hi = (v >> 4) | np.int32(((qh >> (16 + 4 * c + j)) & 1) << 4)
+                y[4 * c + j] = d * np.float32(lo - shift) + m
+                y[16 + 4 * c + j] = d * np.float32(hi - shift) + m
 
 
 # --- the kernels -----------------------------------------------------------------------------
@@ -375,7 +396,7 @@ def _dots(builder):
 
     With VNNI: ``vpdpbusd`` in chains of two. Without: ``vpmaddubsw`` per pair, the int16 sums of
     up to ``per16`` pairs added before one ``vpmaddwd`` (exact while ``per16 · 2 · max q · 127 <
-    2^15``: Q4 quants ≤ 15 allow 8, Q6_K's ≤ 63 2, Q8_0's 1).
+    2^15``: Q4 quants ≤ 15 allow 8, Q5's ≤ 31 4, Q6_K's ≤ 63 2, Q8_0's 1).
     """
     if HAVE_AVX512_VNNI:
         dp = _fn(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [_V8I32, _V8I32, _V8I32])
@@ -415,14 +436,34 @@ def _f16x8(builder, ptr, at):
     return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), 8)), _V8F32)
 
 
+_FIVE = (_Q5_0, _Q5_1)
+
+
+def _fifth_bits(builder, qh, j):
+    """0x10 in byte ``b`` of each 32-bit lane where bit ``4j + b`` of that lane's ``qh`` (8 ×
+    int32) is set, else 0: the fifth bits of Q5 chunk vector ``j`` (0-3: low nibbles of qs
+    chunks 0-3, 4-7: their high nibbles). ``vpshufb`` spreads qh byte ``j // 2`` over the
+    lane's 4 bytes, each byte keeps its own bit, a compare widens it (``vpcmpeqb``; with
+    AVX-512 ``vptestnmb`` into a mask and a masked move)."""
+    bit = [1 << (4 * (j % 2) + b) for _ in range(GROUP) for b in range(4)]
+    mask = ir.Constant(_V32I8, bit)
+    spread = builder.and_(_lane_bytes(builder, qh, [j // 2] * 4), mask)
+    return builder.select(builder.icmp_unsigned("==", spread, mask),
+                          ir.Constant(_V32I8, [0x10] * 32), ir.Constant(_V32I8, [0] * 32))
+
+
 def _unpack_block(builder, base, g_ptr, at):
-    """(d, m, quants) of the block at byte ``at`` of a group: the 8 row scales (and Q4_1 mins)
-    as 8 × float32, and ``(q, activation byte offset, sign)`` per 32-byte quant vector."""
+    """(d, m, quants) of the block at byte ``at`` of a group: the 8 row scales (and Q4_1/Q5_1
+    mins) as 8 × float32, and ``(q, activation byte offset, sign)`` per 32-byte quant vector."""
     intp = at.type
     n_half = _LAYOUTS[base].n_half
     d8 = _f16x8(builder, g_ptr, at)
-    m8 = _f16x8(builder, g_ptr, builder.add(at, ir.Constant(intp, 16))) if base == _Q4_1 else None
+    m8 = _f16x8(builder, g_ptr, builder.add(at, ir.Constant(intp, 16))) if n_half == 2 else None
     q_at = builder.add(at, ir.Constant(intp, 16 * n_half))
+    qh = None
+    if base in _FIVE:                   # the 8 rows' qh, one per lane, before the quants
+        qh = _load(builder, g_ptr, q_at, _V8I32)
+        q_at = builder.add(q_at, ir.Constant(intp, 32))
     low = ir.Constant(_V32I8, [0x0F] * 32)
     quants = []
     for ch in range(8 if base == _Q8_0 else 4):
@@ -435,8 +476,12 @@ def _unpack_block(builder, base, g_ptr, at):
             continue
         hi = builder.bitcast(builder.lshr(builder.bitcast(v, _V16I16),
                                           ir.Constant(_V16I16, [4] * 16)), _V32I8)
-        quants.append((builder.and_(v, low), 4 * ch, None))
-        quants.append((builder.and_(hi, low), 16 + 4 * ch, None))
+        lo, hi = builder.and_(v, low), builder.and_(hi, low)
+        if qh is not None:
+            lo = builder.or_(lo, _fifth_bits(builder, qh, ch))
+            hi = builder.or_(hi, _fifth_bits(builder, qh, 4 + ch))
+        quants.append((lo, 4 * ch, None))
+        quants.append((hi, 16 + 4 * ch, None))
     return d8, m8, quants
 
 
@@ -444,8 +489,12 @@ def _psign(builder):
     return _fn(builder, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8])
 
 
-_OFFSET = {_Q4_0: -8.0, _Q8_0: -128.0 if HAVE_AVX512_VNNI else 0.0, _Q4_1: 0.0}
+_OFFSET = {_Q4_0: -8.0, _Q8_0: -128.0 if HAVE_AVX512_VNNI else 0.0, _Q4_1: 0.0, _Q5_0: -16.0,
+           _Q5_1: 0.0}
 """−c: the multiple of the block sum S to add when the dot ran on the quants plus c."""
+_PER16 = {_Q4_0: 8, _Q4_1: 8, _Q8_0: 1, _Q5_0: 4, _Q5_1: 4}
+"""Pairs whose ``vpmaddubsw`` int16 sums :func:`_dots` may add before widening (quants ≤ 15,
+≤ 31, |w|)."""
 
 
 def _emit_tile(builder, base, g_ptrs, toks, nb):
@@ -483,7 +532,7 @@ def _emit_tile(builder, base, g_ptrs, toks, nb):
                         y = builder.bitcast(builder.call(_psign(builder), [
                             builder.bitcast(y, _V32I8), sgn]), _V8I32)
                     pairs.append((q, y))
-                p = builder.sitofp(dots(pairs, 1 if base == _Q8_0 else 8), _V8F32)
+                p = builder.sitofp(dots(pairs, _PER16[base]), _V8F32)
                 if _OFFSET[base]:       # p − c·Σ xq: integers below 2^24, exact in float32
                     p = builder.call(fma, [xs, ir.Constant(_V8F32, [_OFFSET[base]] * 8), p])
                 acc = accs[gi][t]
@@ -492,7 +541,7 @@ def _emit_tile(builder, base, g_ptrs, toks, nb):
                     accm = accms[gi][t]
                     builder.store(builder.call(fma, [m8, xs, builder.load(accm)]), accm)
     res = [[builder.load(a) for a in row] for row in accs]
-    if base == _Q4_1:
+    if _LAYOUTS[base].n_half == 2:
         res = [[builder.fadd(r, builder.load(m)) for r, m in zip(rr, mm)]
                for rr, mm in zip(res, accms)]
     return res
@@ -824,7 +873,8 @@ TILE_TOKENS = 4
 """Tokens of a prompt tile (one group)."""
 WIDE_K = 8192
 """Row length from which a decoded token walks :data:`TILE_GROUPS`' wide count of groups."""
-TILE_GROUPS = {_Q4_0: (2, 4), _Q4_1: (2, 4), _Q8_0: (2, 4), _Q2_K: (1, 1), _Q3_K: (1, 1),
+TILE_GROUPS = {_Q4_0: (2, 4), _Q4_1: (2, 4), _Q8_0: (2, 4), _Q5_0: (2, 2), _Q5_1: (2, 2),
+               _Q2_K: (1, 1), _Q3_K: (1, 1),
                _Q4_K: (4, 4), _Q5_K: (1, 2), _Q6_K: (1, 2)}
 """Groups a decoded token walks at once, (rows of k < WIDE_K, wider rows): G sequential streams
 a fraction of the thread's run apart, each activation load serving 8·G rows. One core streaming
@@ -940,6 +990,8 @@ _TABLES = (types.int8, types.float32, types.float32)
 _rows_q4_0_x8 = rows_intrinsic("_rows_q4_0_x8", _rows_codegen(_Q4_0), _TABLES)
 _rows_q4_1_x8 = rows_intrinsic("_rows_q4_1_x8", _rows_codegen(_Q4_1), _TABLES)
 _rows_q8_0_x8 = rows_intrinsic("_rows_q8_0_x8", _rows_codegen(_Q8_0), _TABLES)
+_rows_q5_0_x8 = rows_intrinsic("_rows_q5_0_x8", _rows_codegen(_Q5_0), _TABLES)
+_rows_q5_1_x8 = rows_intrinsic("_rows_q5_1_x8", _rows_codegen(_Q5_1), _TABLES)
 _K_TABLES = (types.int8, types.float32, types.int16)
 _rows_q4_k_x8 = rows_intrinsic("_rows_q4_k_x8", _rows_codegen(_Q4_K), _K_TABLES)
 _rows_q6_k_x8 = rows_intrinsic("_rows_q6_k_x8", _rows_codegen(_Q6_K), _K_TABLES)
@@ -951,7 +1003,7 @@ _rows_q2_k_x8 = rows_intrinsic("_rows_q2_k_x8", _rows_codegen(_Q2_K), _K_TABLES)
 @kernel
 def rows_x8(qtype, w, r0, r1, xq, xd, xs, out):
     """``out[t, r] = W[r] · x_t`` for interleaved ``w`` (rows ``r0 .. r1``, multiples of 8),
-    every token of the 2-D int8 tables (Q4_0/Q8_0: ``xs`` the exact block sums,
+    every token of the 2-D int8 tables (Q4_0/Q5_0/Q8_0: ``xs`` the exact block sums,
     ``quantize_act_q8(..., exact_sums=True)``)."""
     if qtype == PackedType.Q4_0_X8:
         _rows_q4_0_x8(w, r0, r1, xq, xd, xs, out)
@@ -959,6 +1011,10 @@ def rows_x8(qtype, w, r0, r1, xq, xd, xs, out):
         _rows_q4_1_x8(w, r0, r1, xq, xd, xs, out)
     elif qtype == PackedType.Q8_0_X8:
         _rows_q8_0_x8(w, r0, r1, xq, xd, xs, out)
+    elif qtype == PackedType.Q5_0_X8:
+        _rows_q5_0_x8(w, r0, r1, xq, xd, xs, out)
+    elif qtype == PackedType.Q5_1_X8:
+        _rows_q5_1_x8(w, r0, r1, xq, xd, xs, out)
 
 
 @kernel

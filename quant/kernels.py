@@ -27,10 +27,10 @@ each 16), as llama.cpp's ``vec_dot_q<n>_K_q8_K``. Where the CPU has AVX-512 VNNI
 tiles of 4 rows (× 4 tokens for the legacy formats) — :mod:`quant.avx512`,
 :mod:`quant.avx512_kquants` — else Q8_0/Q4_0/Q4_1/Q4_K/Q6_K in the AVX2 row dots of
 :mod:`quant.avx2` (the tiles give their bits) and the rest in portable numba loops. The float
-formats use the ``_dot_<f>`` row functions. Q4_0/Q4_1/Q8_0/Q2_K..Q6_K matrices repacked at load
-8 rows interleaved (:mod:`quant.interleaved`, type codes :class:`~quant.interleaved.PackedType`)
-run :data:`rows_x8` / :data:`rows_x8_k` on the same activation tables (Q4_0/Q8_0 with ``xs`` =
-the exact block sums).
+formats use the ``_dot_<f>`` row functions. Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K..Q6_K matrices
+repacked at load 8 rows interleaved (:mod:`quant.interleaved`, type codes
+:class:`~quant.interleaved.PackedType`) run :data:`rows_x8` / :data:`rows_x8_k` on the same
+activation tables (Q4_0/Q5_0/Q8_0 with ``xs`` = the exact block sums).
 
 Scratch layout (bytes, ``n`` tokens, ``nb = k / 32``), three row-major tables back to back::
 
@@ -90,6 +90,8 @@ _Q6_K = int(GGMLType.Q6_K)
 _Q4_0_X8 = int(interleaved.PackedType.Q4_0_X8)
 _Q4_1_X8 = int(interleaved.PackedType.Q4_1_X8)
 _Q8_0_X8 = int(interleaved.PackedType.Q8_0_X8)
+_Q5_0_X8 = int(interleaved.PackedType.Q5_0_X8)
+_Q5_1_X8 = int(interleaved.PackedType.Q5_1_X8)
 _Q4_K_X8 = int(interleaved.PackedType.Q4_K_X8)
 _Q6_K_X8 = int(interleaved.PackedType.Q6_K_X8)
 _Q3_K_X8 = int(interleaved.PackedType.Q3_K_X8)
@@ -113,15 +115,17 @@ Q8K_ACT_TYPES = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGM
 @kernel
 def is_packed(qtype):
     """True for the interleaved layouts of :mod:`quant.interleaved`."""
-    return (qtype == _Q4_0_X8 or qtype == _Q4_1_X8 or qtype == _Q8_0_X8 or qtype == _Q4_K_X8
-            or qtype == _Q6_K_X8 or qtype == _Q3_K_X8 or qtype == _Q5_K_X8 or qtype == _Q2_K_X8)
+    return (qtype == _Q4_0_X8 or qtype == _Q4_1_X8 or qtype == _Q8_0_X8 or qtype == _Q5_0_X8
+            or qtype == _Q5_1_X8 or qtype == _Q4_K_X8 or qtype == _Q6_K_X8 or qtype == _Q3_K_X8
+            or qtype == _Q5_K_X8 or qtype == _Q2_K_X8)
 
 
 @kernel
 def uses_q8_act(qtype):
     """True when ``matmul_kernel`` runs this type on int8-quantized activations."""
     return (qtype == _Q8_0 or qtype == _Q4_0 or qtype == _Q4_1 or qtype == _Q5_0
-            or qtype == _Q5_1 or qtype == _Q4_0_X8 or qtype == _Q4_1_X8 or qtype == _Q8_0_X8)
+            or qtype == _Q5_1 or qtype == _Q4_0_X8 or qtype == _Q4_1_X8 or qtype == _Q8_0_X8
+            or qtype == _Q5_0_X8 or qtype == _Q5_1_X8)
 
 
 @kernel
@@ -389,7 +393,8 @@ def prepare_acts(qtype, x, scratch, t):
     n, k = x.shape
     if uses_q8_act(qtype):
         xq, xd, xs = act_tables(scratch, n, k)
-        quantize_act_q8(x[t], xq[t], xd[t], xs[t], qtype == _Q4_0_X8 or qtype == _Q8_0_X8)
+        quantize_act_q8(x[t], xq[t], xd[t], xs[t],
+                        qtype == _Q4_0_X8 or qtype == _Q5_0_X8 or qtype == _Q8_0_X8)
     elif uses_q8k_act(qtype):
         kq, kd, kb = act_tables_k(scratch, n, k)
         quantize_act_q8k(x[t], kq[t], kd[t], kb[t])

@@ -17,8 +17,8 @@ from quant_helpers import asm_of, random_matrix, run_for_avx2_only
 
 pytestmark = pytest.mark.skipif(not il.HAVE_X8, reason="this CPU has no AVX2/FMA/F16C")
 
-TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q3_K,
-         GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
+TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
+         GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
 
 
 def _k(t: GGMLType, k32: int) -> int:
@@ -133,18 +133,22 @@ def _emulated(w: np.ndarray, t: GGMLType, x: np.ndarray) -> np.ndarray:
     size = quant.FORMATS[t].type_size
     blocks = w.reshape(w.shape[0], nb, size)
     d = _halves(blocks[:, :, 0:2])[..., 0]                                   # [rows, nb]
+    with_min = t in (GGMLType.Q4_1, GGMLType.Q5_1)
     if t == GGMLType.Q8_0:
         q = blocks[:, :, 2:].view(np.int8).astype(np.int64)
     else:
-        qs = blocks[:, :, 4 if t == GGMLType.Q4_1 else 2:]
+        qs = blocks[:, :, -16:]
         q = np.concatenate([qs & 15, qs >> 4], axis=2).astype(np.int64)
-        if t == GGMLType.Q4_0:
-            q -= 8
+        if t in (GGMLType.Q5_0, GGMLType.Q5_1):     # qh bit j: bit 4 of value j (ggml's order)
+            at = 4 if with_min else 2
+            qh = blocks[:, :, at:at + 4].copy().view(np.uint32).astype(np.int64)     # [rows, nb, 1]
+            q |= ((qh >> np.arange(32)) & 1) << 4
+        q -= {GGMLType.Q4_0: 8, GGMLType.Q5_0: 16}.get(t, 0)
     y = xq.reshape(n, nb, 32).astype(np.int64)
     P = np.einsum("rbj,tbj->trb", q, y)                                      # exact integers
     scale = (d[None, :, :] * xd[:, None, :]).astype(np.float32)              # f32(d · xd)
     acc = _fma_chain(scale, P)
-    if t == GGMLType.Q4_1:
+    if with_min:
         m = _halves(blocks[:, :, 2:4])[..., 0]
         acc = acc + _fma_chain(m[None], xs[:, None, :])
     return acc
@@ -278,12 +282,12 @@ def test_packed_stack_runs_in_one_region():
 def test_bad_packing_requests_raise_one_line_errors():
     rng = np.random.default_rng(6)
     w = random_matrix(rng, GGMLType.Q4_0, 12, 64)
-    assert not quant.can_pack(GGMLType.Q4_0, 12) and not quant.can_pack(GGMLType.Q5_1, 16)
+    assert not quant.can_pack(GGMLType.Q4_0, 12) and not quant.can_pack(GGMLType.F16, 16)
     assert not quant.can_pack(9999, 16) and quant.can_pack(GGMLType.Q8_0, 16)
     with pytest.raises(CpuinferError, match=r"pack: cannot interleave Q4_0 uint8 \[12, 36\]"):
         quant.pack(w, GGMLType.Q4_0)
-    with pytest.raises(CpuinferError, match="cannot interleave Q5_1"):
-        quant.pack(random_matrix(rng, GGMLType.Q5_1, 16, 256), GGMLType.Q5_1)
+    with pytest.raises(CpuinferError, match="cannot interleave F16"):
+        quant.pack(np.zeros((16, 512), np.uint8), GGMLType.F16)
     x = np.zeros((1, 64), np.float32)
     with pytest.raises(CpuinferError, match="Q4_0_X8 needs a multiple of 8 rows, w has 12"):
         quant.matmul(w, quant.PackedType.Q4_0_X8, x, np.zeros((1, 12), np.float32))
@@ -307,7 +311,7 @@ def _fresh_asm(name: str) -> str:
                   np.zeros((1, 8), np.float32))
 
 
-@pytest.mark.parametrize("name", ["Q4_0_X8", "Q4_K_X8"])
+@pytest.mark.parametrize("name", ["Q4_0_X8", "Q5_0_X8", "Q4_K_X8"])
 def test_interleaved_kernels_are_vector_code(name):
     asm = _fresh_asm(name)
     dot = r"\bvpdpbusd\b" if il.HAVE_AVX512_VNNI else r"\bvpmaddubsw\b"
@@ -315,6 +319,9 @@ def test_interleaved_kernels_are_vector_code(name):
     assert re.search(r"\bvcvtph2ps\b[^\n]*%ymm", asm)                 # 8 row scales at once
     assert re.search(r"\bvfn?madd\w*ps\b[^\n]*%ymm", asm)
     assert not re.search(r"\bvhaddps\b|\bvextractf128\b", asm)        # no horizontal sums
+    if name == "Q5_0_X8":                # fifth bits: a qh byte spread per lane, compared
+        assert re.search(r"\bvpshufb\b[^\n]*%ymm", asm)
+        assert re.search(r"\b(vpcmpeqb|vptestn?mb)\b[^\n]*%ymm", asm)     # AVX-512: into a mask
     if name == "Q4_K_X8":                # sub-block scales picked per lane, multiplied as int32
         assert re.search(r"\bvpshufb\b[^\n]*%ymm", asm)
         assert re.search(r"\bvpmulld\b[^\n]*%ymm", asm)
@@ -344,6 +351,6 @@ print("OK")
 
 def test_interleaved_kernels_compiled_for_an_avx2_only_cpu(tmp_path):
     """Without VNNI the byte dots are ``vpmaddubsw`` + ``vpmaddwd`` (Q4: eight int16 sums added
-    before one ``vpmaddwd``; Q8_0: ``|w|`` times ``sign(w)·y``) and give the same bits (a
+    before one ``vpmaddwd``, Q5: four; Q8_0: ``|w|`` times ``sign(w)·y``) and give the same bits (a
     separate process: numba's target CPU is fixed per process)."""
     run_for_avx2_only(_AVX2_CHECK, tmp_path)

@@ -318,7 +318,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--numa", default="auto", metavar="POLICY",
                    help="NUMA placement: auto, off, interleave, distribute, isolate[:NODE] (default auto)")
     p.add_argument("--no-repack", action="store_true",
-                   help="run the file's row order (default: Q4_0/Q4_1/Q8_0/Q2_K..Q6_K interleaved at load)")
+                   help="run the file's row order (default: Q4_0..Q5_1/Q8_0/Q2_K..Q6_K interleaved at load)")
 
 
 def run_ttft(paths: list[str], threads: list[int], as_json: bool, out=None) -> int:

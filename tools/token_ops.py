@@ -5,8 +5,8 @@ the parallel mat-mul and attention regions, per operation, on one core.
 
 For one token these run on the calling thread while the other threads wait (RMSNorm, RoPE,
 SwiGLU, the residual adds, and the activation quantization before each mat-vec: Q8 tables for
-Q4_0/Q4_1/Q8_0 weights, Q8_K for the K-quants), so at many threads they are the Amdahl term of
-a token. Each op's best time over ~0.3 s of calls, times its calls per layer and the layers.
+the legacy formats Q4_0..Q8_0, Q8_K for the K-quants), so at many threads they are the Amdahl
+term of a token. Each op's best time over ~0.3 s of calls, times its calls per layer and the layers.
 """
 from __future__ import annotations
 
